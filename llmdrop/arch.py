@@ -1,0 +1,68 @@
+"""Where the parts of each supported architecture live: one small adapter per ``model_type``.
+
+Dropping a sublayer means replacing its module *and the norms that belong to it* by modules that add
+nothing to the residual stream, so the adapter names those norms. Llama-style layers have one
+pre-norm per sublayer; Gemma-2/3 have a "sandwich" (a norm before and after each sublayer).
+"""
+
+from dataclasses import dataclass
+
+from .errors import LlmdropError
+
+EXPORT_PREFIX = "llmdrop_"  # model_type prefix of exports with sublayers dropped
+
+
+@dataclass(frozen=True)
+class Adapter:
+    model_type: str
+    layers: str = "model.layers"  # the nn.ModuleList of decoder layers
+    attn: tuple[str, ...] = ("self_attn", "input_layernorm")  # the sublayer first, then its norms
+    mlp: tuple[str, ...] = ("mlp", "post_attention_layernorm")
+    final_norm: str = "model.norm"
+
+    @property
+    def mlp_input_norm(self) -> str:
+        """The module whose input is the residual stream right after the attention's residual add."""
+        return self.mlp[1]
+
+    def layer_list(self, model):
+        return model.get_submodule(self.layers)
+
+    def sublayers_spec(self) -> dict:
+        """What an export's config.json stores so that the remote code can find the sublayers."""
+        return {"layers": self.layers, "attn": list(self.attn), "mlp": list(self.mlp)}
+
+
+_SANDWICH = {
+    "attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),
+    "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
+
+ADAPTERS = {
+    a.model_type: a
+    for a in (
+        Adapter("llama"),
+        Adapter("mistral"),
+        Adapter("qwen2"),
+        Adapter("qwen3"),
+        Adapter("mixtral"),  # the sparse-MoE block sits at `mlp` and counts as the MLP sublayer
+        Adapter("phi3"),
+        Adapter("gemma2", **_SANDWICH),
+        Adapter("gemma3_text", **_SANDWICH),
+    )
+}
+
+
+def base_model_type(model_type: str) -> str:
+    return model_type.removeprefix(EXPORT_PREFIX)
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter for a loaded model's config (llmdrop exports use their base architecture's)."""
+    model_type = base_model_type(getattr(config, "model_type", "") or "")
+    if model_type not in ADAPTERS:
+        hint = " (multimodal Gemma 3: export its text model, model_type gemma3_text)" if model_type == "gemma3" else ""
+        raise LlmdropError(
+            f"unsupported architecture model_type={model_type!r}{hint}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]

