@@ -1,3 +1,8 @@
 """llmdrop: find redundant attention / MLP sublayers and blocks in decoder LLMs, drop them, export."""
 
 __version__ = "0.1.0"
+
+from .api import drop, evaluate, score  # noqa: E402
+from .errors import LlmdropError  # noqa: E402
+
+__all__ = ["score", "drop", "evaluate", "LlmdropError", "__version__"]

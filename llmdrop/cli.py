@@ -1,0 +1,190 @@
+"""`llmdrop <verb>`: thin Typer commands over llmdrop.api. Errors are one line on stderr (traceback with --debug)."""
+
+import functools
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import LlmdropError
+
+app = typer.Typer(
+    help="Find redundant attention / MLP sublayers and blocks in decoder LLMs, drop them, export checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+# Options shared by several verbs.
+Model = Annotated[Optional[str], typer.Argument(help="Hub id, local checkpoint dir, .gguf file, or builtin alias smollm2-135m (default).", show_default=False)]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")]
+Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's; GGUF: float32).")]
+GgufFile = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside MODEL (a directory).")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow custom code of non-llmdrop checkpoints.")]
+Calib = Annotated[str, typer.Option(help="Calibration text: self (sampled from the model, offline), a .txt/.jsonl/.json/.parquet file or directory, or hf:NAME[:CONFIG][:SPLIT].")]
+Samples = Annotated[Optional[int], typer.Option(help="Calibration blocks [default: 32 for self, 128 otherwise].", show_default=False)]
+SeqLen = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per block [default: 256 for self, 2048 otherwise].", show_default=False)]
+Seed = Annotated[int, typer.Option(help="Seed for sampling and block selection.")]
+Metric = Annotated[str, typer.Option(help="cosine (1 - cos) or angular (arccos(cos) / pi).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def cli_errors(fn):
+    """One clear line and exit 1 for user errors; the traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except Exception as e:  # noqa: BLE001 - anything else is reported the same way, with a hint
+            if kwargs.get("debug"):
+                raise
+            _fail(str(e) if isinstance(e, LlmdropError) else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"llmdrop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False):
+    pass
+
+
+@app.command("score")
+@cli_errors
+def score_cmd(
+    model: Model = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the scores JSON here.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot of the three importance curves.")] = None,
+    calib: Calib = "self",
+    samples: Samples = None,
+    seq_len: SeqLen = None,
+    seed: Seed = 0,
+    metric: Metric = "cosine",
+    batch_size: BatchSize = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Score every attention sublayer, MLP sublayer and block (lower importance = more redundant).
+
+    Example: `llmdrop score smollm2-135m --out scores.json --plot scores.png`
+    """
+    from . import api
+    from .report import console, scores_table
+
+    scores = api.score(model, calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
+                       batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
+                       trust_remote_code=trust_remote_code, out=out, plot=plot)
+    if json_out:
+        typer.echo(json.dumps(scores.to_dict(), indent=2))
+    else:
+        console.print(scores_table(scores))
+        for path in (out, plot):
+            if path:
+                console.print(f"wrote {path}")
+
+
+@app.command("drop")
+@cli_errors
+def drop_cmd(
+    model: Model = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
+    attn: Annotated[int, typer.Option(help="Drop the N least important attention sublayers.")] = 0,
+    mlp: Annotated[int, typer.Option(help="Drop the N least important MLP sublayers.")] = 0,
+    blocks: Annotated[int, typer.Option(help="Drop the N least important whole blocks.")] = 0,
+    joint: Annotated[int, typer.Option(help="Drop N sublayers, attention and MLP ranked together.")] = 0,
+    attn_layers: Annotated[Optional[str], typer.Option("--attn-layers", help="Explicit 0-based attention layers, e.g. 3,5,20-29.")] = None,
+    mlp_layers: Annotated[Optional[str], typer.Option("--mlp-layers", help="Explicit 0-based MLP layers.")] = None,
+    block_layers: Annotated[Optional[str], typer.Option("--block-layers", help="Explicit 0-based blocks.")] = None,
+    scores: Annotated[Optional[str], typer.Option(help="Reuse a scores JSON from `llmdrop score` instead of scoring.")] = None,
+    iterative: Annotated[bool, typer.Option(help="Re-score after every single drop (in process).")] = False,
+    calib: Calib = "self",
+    samples: Samples = None,
+    seq_len: SeqLen = None,
+    seed: Seed = 0,
+    metric: Metric = "cosine",
+    batch_size: BatchSize = 1,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option(help="Load and save dtype: auto | float32 | bfloat16 | float16.")] = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Drop sublayers / blocks and export a checkpoint that loads with transformers.
+
+    Example: `llmdrop drop smollm2-135m -o smollm2-drop8attn --attn 8`
+    """
+    from . import api
+    from .report import console
+
+    path, plan = api.drop(model, out, attn=attn, mlp=mlp, blocks=blocks, joint=joint, attn_layers=attn_layers,
+                          mlp_layers=mlp_layers, block_layers=block_layers, scores=scores, iterative=iterative,
+                          calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
+                          batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
+                          trust_remote_code=trust_remote_code, overwrite=overwrite)
+    if json_out:
+        typer.echo(json.dumps({"out": str(path), "plan": plan.to_dict()}, indent=2))
+    else:
+        console.print(f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "
+                      f"mlp {plan.mlp})\nwrote {path}")
+
+
+@app.command("eval")
+@cli_errors
+def eval_cmd(
+    model: Model = None,
+    text: Annotated[Optional[str], typer.Option(help="Text file(s) (.txt/.jsonl/.json/.parquet or a directory) [default: the English sample shipped with llmdrop].", show_default=False)] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = 512,
+    samples: Annotated[Optional[int], typer.Option(help="Use only this many blocks (seeded choice) [default: all].", show_default=False)] = None,
+    seed: Seed = 0,
+    batch_size: BatchSize = 1,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Perplexity on text (non-overlapping blocks). llmdrop exports load their remote code on their own.
+
+    Example: `llmdrop eval smollm2-drop8attn --text wiki.txt --json`
+    """
+    from . import api
+    from .report import console
+
+    result = api.evaluate(model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size,
+                          device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        console.print(f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
+                      f"({result['samples']} x {result['seq_len']}) of {result['text']}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

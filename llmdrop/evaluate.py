@@ -1,0 +1,23 @@
+"""Perplexity on text cut into non-overlapping blocks (float32 accumulation whatever the model dtype)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    nll, predicted = 0.0, 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = blocks[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        targets = batch[:, 1:]
+        nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
+        predicted += targets.numel()
+    mean = nll / predicted
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": predicted, "samples": len(blocks),
+            "seq_len": blocks.shape[1]}

@@ -1,0 +1,54 @@
+"""Human-facing output: the importance table in the terminal and the importance plot."""
+
+from rich.console import Console
+from rich.table import Table
+
+from .scoring import Scores
+
+# on stderr: stdout stays clean for --json
+console = Console(stderr=True)
+
+
+def scores_table(scores: Scores, plan=None) -> Table:
+    """One row per layer; the lowest (most redundant) values of each kind are highlighted."""
+    imp = scores.importance
+    n = scores.num_layers
+    lowest = {k: set(sorted(range(n), key=lambda i: imp[k][i])[: max(1, n // 4)]) for k in imp}
+    table = Table(title=f"importance ({scores.metric}) of {scores.model} - lower = more redundant")
+    table.add_column("layer", justify="right")
+    for kind in ("attn", "mlp", "block"):
+        table.add_column(kind, justify="right")
+    if plan is not None:
+        table.add_column("dropped")
+    for i in range(n):
+        cells = [f"[green]{imp[k][i]:.4f}[/]" if i in lowest[k] else f"{imp[k][i]:.4f}" for k in ("attn", "mlp", "block")]
+        if plan is not None:
+            cells.append(" ".join(k for k, v in (("block", plan.blocks), ("attn", plan.attn), ("mlp", plan.mlp)) if i in v))
+        table.add_row(str(i), *cells)
+    return table
+
+
+def plot_scores(scores: Scores, path, plan=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    layers = list(range(scores.num_layers))
+    for kind, style in (("attn", "o-"), ("mlp", "s-"), ("block", "^-")):
+        ax.plot(layers, scores.importance[kind], style, markersize=4, label=kind)
+    if plan is not None:
+        for kind, color in (("attn", "C0"), ("mlp", "C1"), ("blocks", "C2")):
+            for i in getattr(plan, kind):
+                ax.axvline(i, color=color, alpha=0.15, linewidth=6)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"importance (1 - cos)" if scores.metric == "cosine" else "importance (angular distance)")
+    ax.set_title(f"{scores.model}: {scores.calibration.get('source')} calibration, "
+                 f"{scores.calibration.get('tokens'):,} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
