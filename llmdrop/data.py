@@ -1,0 +1,229 @@
+"""Calibration and evaluation text, turned into token blocks ``[samples, seq_len]``.
+
+Sources: ``"self"`` (text sampled from the model itself, the offline default), a file or a
+directory of ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, or ``"hf:NAME[:CONFIG][:SPLIT]"``
+(a Hugging Face dataset, through the optional ``datasets`` package). Every random choice is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmdrop.errors import LlmdropError
+
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+_INSTALL_DATA = "pip install 'llmdrop[data]'"
+
+
+def calibration_blocks(
+    source: str, tokenizer, *, samples: int, seq_len: int, seed: int = 0, model=None
+) -> torch.LongTensor:
+    """[samples, seq_len] token ids. source: "self" | a path | "hf:NAME[:CONFIG][:SPLIT]"."""
+    if not isinstance(samples, int) or samples < 1:
+        raise LlmdropError(f"--samples must be a whole number >= 1, got {samples!r}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise LlmdropError(f"--seq-len must be a whole number >= 2, got {seq_len!r}")
+    source = str(source)
+    if source == "self":
+        if model is None:
+            raise LlmdropError("calibration source 'self' samples text from the model, but no model was given")
+        return sample_self(model, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    texts = hf_texts(source) if source.startswith("hf:") else load_texts(source)
+    return blocks_from_texts(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_texts(path) -> list[str]:
+    """The texts in a .txt/.jsonl/.json/.parquet file, or in all such files under a directory."""
+    path = Path(path)
+    if not path.exists():
+        raise LlmdropError(f"text source {str(path)!r} does not exist")
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".")),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise LlmdropError(f"directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files")
+        texts = [t for f in files for t in _load_file(f)]
+    else:
+        texts = _load_file(path)
+    if not any(t.strip() for t in texts):
+        raise LlmdropError(f"{str(path)!r} contains no text")
+    return texts
+
+
+def _load_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return [path.read_text(encoding="utf-8")]
+    if suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                texts.append(_text_of(_parse_json(line, f"{path}:{n}"), f"{path}:{n}"))
+        return texts
+    if suffix == ".json":
+        data = _parse_json(path.read_text(encoding="utf-8"), str(path))
+        if isinstance(data, dict) and isinstance(data.get("text"), list):
+            data = data["text"]
+        if not isinstance(data, list):
+            raise LlmdropError(f"{path} must hold a list of texts, a list of {{\"text\": ...}} objects or {{\"text\": [...]}}")
+        return [_text_of(item, f"{path} item {i}") for i, item in enumerate(data)]
+    if suffix == ".parquet":
+        return _load_parquet(path)
+    raise LlmdropError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _parse_json(raw: str, where: str):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LlmdropError(f"{where}: invalid JSON ({e.msg})") from None
+
+
+def _text_of(item, where: str) -> str:
+    """A record is either a string or an object with a string field "text"."""
+    if isinstance(item, dict):
+        if "text" not in item:
+            raise LlmdropError(f"{where}: record has no \"text\" field")
+        item = item["text"]
+    if not isinstance(item, str):
+        raise LlmdropError(f"{where}: \"text\" must be a string, got {type(item).__name__}")
+    return item
+
+
+def _load_parquet(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LlmdropError(f"reading {path} needs pyarrow: pip install pyarrow (or {_INSTALL_DATA})") from None
+    schema = pq.read_schema(path)
+    if "text" not in schema.names:
+        raise LlmdropError(f"{path}: no \"text\" column (columns: {', '.join(schema.names)})")
+    # Nulls are rows without text; skipping them is kinder than failing on a sparse column.
+    return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t is not None]
+
+
+# --------------------------------------------------------------------------- hf:
+
+
+def hf_texts(spec: str) -> list[str]:
+    """The "text" column of "hf:NAME[:CONFIG][:SPLIT]" (split defaults to "train").
+
+    At most two colons split the spec, so a slice stays in the split: "hf:wikitext:wikitext-2-raw-v1:test[:10%]".
+    Leave CONFIG empty to give only a split: "hf:NAME::validation".
+    """
+    parts = spec.removeprefix("hf:").split(":", 2)
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    if not name:
+        raise LlmdropError(f"{spec!r} names no dataset; use hf:NAME[:CONFIG][:SPLIT]")
+    try:
+        import datasets
+    except ImportError:
+        raise LlmdropError(f"hf: datasets need the datasets package: {_INSTALL_DATA}") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, bad config: all one line for the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        what = f"{name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
+        raise LlmdropError(f"could not load dataset {what}: {reason}") from None
+    if "text" not in ds.column_names:
+        raise LlmdropError(f"dataset {name!r} has no \"text\" column (columns: {', '.join(ds.column_names)})")
+    texts = [t for t in ds["text"] if t is not None]
+    if not any(t.strip() for t in texts):
+        raise LlmdropError(f"dataset {name!r} split {split!r} contains no text")
+    return texts
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def blocks_from_texts(
+    texts: list[str], tokenizer, *, samples: int | None, seq_len: int, seed: int = 0
+) -> torch.LongTensor:
+    """Tokenize, join with EOS, cut into non-overlapping seq_len blocks; keep `samples` of them (None: all)."""
+    # verbose=False: a whole book is "longer than the model's max length", which is fine here.
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for toks in encoded:
+        if not toks:  # empty lines (common in datasets) would otherwise give runs of EOS
+            continue
+        if ids and eos is not None:
+            ids.append(eos)
+        ids.extend(toks)
+
+    n_blocks = len(ids) // seq_len
+    wanted = 1 if samples is None else samples
+    if n_blocks < wanted:
+        raise LlmdropError(
+            f"calibration text has {len(ids):,} tokens; {wanted} x {seq_len} = {wanted * seq_len:,} are needed "
+            "(lower --samples or --seq-len, or give more text)"
+        )
+    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+    if samples is None or samples == n_blocks:
+        return blocks
+    # A seeded choice spread over the whole text (not just its start), kept in reading order.
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(n_blocks, generator=gen)[:samples].sort().values
+    return blocks[keep]
+
+
+# --------------------------------------------------------------------------- self
+
+
+def sample_self(
+    model, tokenizer, *, samples: int, seq_len: int, seed: int = 0, batch_size: int = 16
+) -> torch.LongTensor:
+    """[samples, seq_len] token ids sampled from the model itself (temperature 1, no top-k/top-p), seeded.
+
+    Each row starts with BOS (else EOS, else token 0). A hand-written loop rather than ``generate``:
+    a sampled EOS does not end a row (the text simply goes on, like a new document), and no
+    ``generation_config`` setting (repetition penalty, suppressed tokens, ...) can bend the distribution.
+    The draws use a private CPU generator, so the caller's RNG state is untouched and the result
+    does not depend on the device. Same seed and batch_size → the same tensor.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    if samples < 1 or seq_len < 2 or batch_size < 1:
+        raise LlmdropError(f"need samples >= 1, seq_len >= 2, batch_size >= 1; got {samples}, {seq_len}, {batch_size}")
+    start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    # Models often pad their embedding past the tokenizer; those ids are not text, so never sample them.
+    n_vocab = len(tokenizer)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    rows = []
+    # Belt and braces: forward passes should not draw random numbers in eval mode, but if one does,
+    # the caller's RNG (CPU and the model's accelerator) is left as it was.
+    accel = None if device.type == "cpu" else device.type
+    try:
+        with torch.random.fork_rng(devices=[device] if accel else [], device_type=accel), torch.no_grad(), Progress(
+            console=Console(stderr=True), transient=True
+        ) as progress:
+            task = progress.add_task("sampling calibration text from the model", total=samples * (seq_len - 1))
+            for first in range(0, samples, batch_size):
+                n = min(batch_size, samples - first)
+                out = torch.full((n, seq_len), start, dtype=torch.long)
+                step_ids, cache = out[:, :1].to(device), None
+                for pos in range(1, seq_len):
+                    res = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
+                    cache = res.past_key_values
+                    logits = res.logits[:, -1, :n_vocab].float().cpu()
+                    out[:, pos] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+                    step_ids = out[:, pos : pos + 1].to(device)
+                    progress.advance(task, n)
+                rows.append(out)
+    finally:
+        model.train(was_training)
+    return torch.cat(rows)
