@@ -120,6 +120,9 @@ def drop(
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
     check_output_dir(Path(out), overwrite)  # fail before the slow part
+    for text in (attn_layers, mlp_layers, block_layers):
+        if isinstance(text, str):
+            parse_layers(text)  # syntax errors before loading; ranges are checked once the model is known
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     n = loaded.num_layers
     lists = {k: parse_layers(v, n) if not isinstance(v, list) else parse_layers(",".join(map(str, v)), n)
@@ -172,7 +175,7 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop)."""
-    from .evaluate import perplexity
+    from .evaluation import perplexity
 
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     text_path = text or DEFAULT_EVAL_TEXT

@@ -49,7 +49,7 @@ def model_card(record: dict, *, base_model: str | None = None) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{trust})',
-        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{trust})',
         "```",
         "",
     ]

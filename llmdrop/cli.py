@@ -186,5 +186,45 @@ def eval_cmd(
                       f"({result['samples']} x {result['seq_len']}) of {result['text']}")
 
 
+@app.command("bench")
+@cli_errors
+def bench_cmd(
+    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="Checkpoints to compare (Hub id, dir, .gguf, smollm2-135m); the first is the baseline. With --random-weights: variants base, attn:N, mlp:N, blocks:N (the N last layers) or lists like attn:16-31, joined with + (attn:8+blocks:2).", show_default=False)],
+    random_weights: Annotated[Optional[str], typer.Option("--random-weights", help="Benchmark this architecture at real size with random weights: builtin shape (tiny, llama-1b, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b), a config.json or a checkpoint dir.")] = None,
+    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Comma-separated prompt lengths (random tokens, no padding).")] = "128,512,2048",
+    gen_len: Annotated[int, typer.Option("--gen-len", help="Decode steps per run (one token each, KV cache fed back).")] = 128,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
+    repeats: Annotated[int, typer.Option(help="Timed runs per model and setting (median, min-max reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed full runs per model and setting first.")] = 2,
+    device: Device = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: checkpoints keep theirs; random weights: bfloat16 on CUDA, float32 on CPU).")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for prompts and random weights.")] = 0,
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak memory (CPU: one child process per model).")] = True,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write every raw sample and the summary as JSON here (- for stdout).")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG of throughput against prompt length.")] = None,
+    markdown: Annotated[Optional[str], typer.Option(help="Write the table as Markdown here.")] = None,
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    debug: Debug = False,
+):
+    """Prefill / decode throughput, time to first token, peak memory and KV-cache bytes per token, against the first model, with the theoretical speedup bound beside each measured speedup.
+
+    Example: `llmdrop bench smollm2-135m ./smollm2-drop8attn --prompt-lens 128,512 --json bench.json`
+
+    Example: `llmdrop bench --random-weights llama-3-8b base attn:16 blocks:8 --plot bench.png`
+    """
+    from .bench import bench, parse_int_list, results_table
+    from .report import console
+
+    report = bench(models, random_weights=random_weights, prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
+                   gen_len=gen_len, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), repeats=repeats,
+                   warmup=warmup, device=device, dtype=dtype, seed=seed, memory=memory, gguf_file=gguf_file,
+                   trust_remote_code=trust_remote_code, json_out=json_out, plot=plot, markdown=markdown)
+    console.print(results_table(report))
+    for path in (json_out, plot, markdown):
+        if path and path != "-":
+            console.print(f"wrote {path}")
+
+
 if __name__ == "__main__":
     sys.exit(app())

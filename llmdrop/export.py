@@ -94,6 +94,10 @@ def export(loaded: LoadedModel, plan: DropPlan, out, *, dtype: str = "auto", ove
     record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
     model = loaded.model
     apply_plan(model, loaded.adapter, plan)
+    # What the checkpoint really holds: a source that is an export already brings its own drops along.
+    record["exported"].update(drop_attn_list=list(getattr(model.config, "drop_attn_list", None) or []),
+                              drop_mlp_list=list(getattr(model.config, "drop_mlp_list", None) or []),
+                              remote_code=hasattr(model.config, "llmdrop_sublayers"))
     _strip_gguf_quantization(model)
     target = resolve_dtype(dtype)
     if target != "auto":
@@ -125,5 +129,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)  # put the user's directory back
+        raise
     shutil.rmtree(old, ignore_errors=True)

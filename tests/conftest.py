@@ -38,3 +38,16 @@ def tiny_llama(tiny_tokenizer):
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny matrices: a second thread only adds synchronisation (~100x slower on a busy 2-core machine).
+    The SmolLM2 tests (marked slow) keep all threads."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
