@@ -574,7 +574,9 @@ def _cells(row: dict, base: bool, rich: bool) -> list[str]:
     def vs_bound(kind):
         if base:
             return "base"
-        return f"{row['speedup'][kind]:.2f}×{sep}{row['bound'][kind]:.2f}× → {row['of_bound'][kind]:.0%}{dim}"
+        measured, bound, share = row["speedup"][kind], row["bound"][kind], row["of_bound"][kind]
+        rest = f"/ {bound:.2f}× = {share:.0%}"
+        return f"{measured:.2f}×\n[dim]{rest}[/]" if rich else f"{measured:.2f}× {rest}"
 
     peak = row["peak_memory_bytes"]
     kv, kv_a = row["kv_cache_bytes_per_token"], row["kv_cache_bytes_per_token_analytic"]
@@ -584,22 +586,33 @@ def _cells(row: dict, base: bool, rich: bool) -> list[str]:
             f"{kv:,}" if kv == kv_a else f"{kv} (analytic {kv_a:,})"]
 
 
-HEADERS = ["model", "prompt", "batch", "prefill tok/s (min–max)", "prefill speedup (bound → share)", "TTFT ms",
-           "decode tok/s (min–max)", "decode speedup (bound → share)", "peak MiB", "KV B/token"]
+HEADERS = ["model", "prompt", "batch", "prefill tok/s (min–max)", "prefill speedup / bound = share", "TTFT ms",
+           "decode tok/s (min–max)", "decode speedup / bound = share", "peak MiB", "KV B/token"]
+RICH_HEADERS = ["model", "prompt", "batch", "prefill tok/s", "prefill ×", "TTFT ms", "decode tok/s", "decode ×",
+                "peak MiB", "KV B/tok"]
 
 
 def results_table(report: dict):
     from rich.table import Table
 
     s = report["settings"]
-    table = Table(title=f"{report['device']}, {report['dtype']}, gen {s['gen_len']}, median of {s['repeats']}; "
-                        "speedup vs the first model (theoretical bound → share of it reached)")
-    for h in HEADERS:
-        table.add_column(h, justify="left" if h == "model" else "right", no_wrap=h != "model")
+    table = Table(title=f"{report['device']}, {report['dtype']}, gen {s['gen_len']}, median (min–max) of {s['repeats']}",
+                  caption="× = measured speedup vs the first model / theoretical bound = share of the bound reached")
+    for h in RICH_HEADERS:
+        table.add_column(h, justify="left" if h == "model" else "right", overflow="fold")
     last = report["models"][-1]["name"]
     for row in report["results"]:
         table.add_row(*_cells(row, row["model"] == report["baseline"], rich=True), end_section=row["model"] == last)
     return table
+
+
+def print_table(report: dict, console) -> None:
+    """Print the table; output that is not a terminal gets a wide console instead of rich's default 80 columns."""
+    from rich.console import Console
+
+    if not console.is_terminal:
+        console = Console(file=console.file, width=max(console.width, 140))
+    console.print(results_table(report))
 
 
 def markdown_table(report: dict) -> str:
@@ -616,7 +629,7 @@ def plot_report(report: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), dpi=120)
     batches = report["settings"]["batch_sizes"]
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
         for i, m in enumerate(report["models"]):
@@ -629,11 +642,13 @@ def plot_report(report: dict, path) -> None:
                 ax.errorbar(x, y, yerr=err, color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4], marker="o",
                             markersize=3, capsize=2, label=f"{m['name']} (batch {b})")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(report["settings"]["prompt_lens"], [str(p) for p in report["settings"]["prompt_lens"]])
+        ax.minorticks_off()
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("tokens / s")
         ax.set_title(f"{title} throughput")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{report['device']}, {report['dtype']}, gen {report['settings']['gen_len']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

@@ -189,7 +189,7 @@ def eval_cmd(
 @app.command("bench")
 @cli_errors
 def bench_cmd(
-    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help="Checkpoints to compare (Hub id, dir, .gguf, smollm2-135m); the first is the baseline. With --random-weights: variants base, attn:N, mlp:N, blocks:N (the N last layers) or lists like attn:16-31, joined with + (attn:8+blocks:2).", show_default=False)],
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Checkpoints to compare (Hub id, dir, .gguf, smollm2-135m); the first is the baseline. With --random-weights: variants base, attn:N, mlp:N, blocks:N (the N last layers) or lists like attn:16-31, joined with + (attn:8+blocks:2).", show_default=False)],
     random_weights: Annotated[Optional[str], typer.Option("--random-weights", help="Benchmark this architecture at real size with random weights: builtin shape (tiny, llama-1b, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b), a config.json or a checkpoint dir.")] = None,
     prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Comma-separated prompt lengths (random tokens, no padding).")] = "128,512,2048",
     gen_len: Annotated[int, typer.Option("--gen-len", help="Decode steps per run (one token each, KV cache fed back).")] = 128,
@@ -213,14 +213,14 @@ def bench_cmd(
 
     Example: `llmdrop bench --random-weights llama-3-8b base attn:16 blocks:8 --plot bench.png`
     """
-    from .bench import bench, parse_int_list, results_table
+    from .bench import bench, parse_int_list, print_table
     from .report import console
 
     report = bench(models, random_weights=random_weights, prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
                    gen_len=gen_len, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), repeats=repeats,
                    warmup=warmup, device=device, dtype=dtype, seed=seed, memory=memory, gguf_file=gguf_file,
                    trust_remote_code=trust_remote_code, json_out=json_out, plot=plot, markdown=markdown)
-    console.print(results_table(report))
+    print_table(report, console)
     for path in (json_out, plot, markdown):
         if path and path != "-":
             console.print(f"wrote {path}")

@@ -6,6 +6,7 @@ vocab 256 (untied lm_head), float32, max_position_embeddings 64.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,7 @@ def test_script_is_the_cli():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_speed.py"), "--random-weights", "tiny",
                            "base", "attn:1", "--prompt-lens", "4", "--gen-len", "2", "--batch-sizes", "1",
                            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-memory", "--json", "-"],
-                          capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["format"] == FORMAT and [r["model"] for r in data["results"]] == ["base", "attn:1"]
