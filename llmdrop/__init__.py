@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .api import drop, evaluate, score  # noqa: E402
+from .bench import bench  # noqa: E402
 from .errors import LlmdropError  # noqa: E402
 
-__all__ = ["score", "drop", "evaluate", "LlmdropError", "__version__"]
+__all__ = ["score", "drop", "evaluate", "bench", "LlmdropError", "__version__"]

@@ -205,10 +205,9 @@ def sample_self(
     model.eval()
     rows = []
     # Belt and braces: forward passes should not draw random numbers in eval mode, but if one does,
-    # the caller's RNG (CPU and the model's accelerator) is left as it was.
-    accel = None if device.type == "cpu" else device.type
+    # the caller's CPU RNG is left as it was (the draws themselves use the private generator).
     try:
-        with torch.random.fork_rng(devices=[device] if accel else [], device_type=accel), torch.no_grad(), Progress(
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), Progress(
             console=Console(stderr=True), transient=True
         ) as progress:
             task = progress.add_task("sampling calibration text from the model", total=samples * (seq_len - 1))
