@@ -19,6 +19,12 @@ def _load(model, loaded, **load_kwargs) -> LoadedModel:
     return loaded if loaded is not None else load_model(model, **load_kwargs)
 
 
+def _as_layers(value, num_layers: int) -> list[int]:
+    """A CLI string ('3,5,20-29') or a Python list of layers, checked against the model."""
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return parse_layers(text, num_layers)
+
+
 def calibration_defaults(calib: str, samples: int | None, seq_len: int | None) -> tuple[int, int]:
     d_samples, d_len = DEFAULT_CALIBRATION["self" if calib == "self" else "text"]
     return samples or d_samples, seq_len or d_len
@@ -125,8 +131,8 @@ def drop(
             parse_layers(text)  # syntax errors before loading; ranges are checked once the model is known
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     n = loaded.num_layers
-    lists = {k: parse_layers(v, n) if not isinstance(v, list) else parse_layers(",".join(map(str, v)), n)
-             for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers), ("block_layers", block_layers))}
+    lists = {k: _as_layers(v, n) for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers),
+                                             ("block_layers", block_layers))}
     counted = attn or mlp or blocks or joint
     extra = {}
     if isinstance(scores, (str, Path)):

@@ -69,7 +69,7 @@ def provenance(loaded: LoadedModel, plan: DropPlan, *, scores=None, calibration=
     return {
         "format": FORMAT,
         "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file,
-                   "model_type": loaded.model.config.model_type, "num_layers": plan.num_layers},
+                   "model_type": loaded.info.get("model_type", loaded.model.config.model_type), "num_layers": plan.num_layers},
         "plan": plan.to_dict(),
         "layer_map": {str(k): v for k, v in plan.layer_map().items()},
         "exported": {"num_layers": len(plan.kept_layers), "drop_attn_list": attn, "drop_mlp_list": mlp,

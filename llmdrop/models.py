@@ -124,4 +124,6 @@ def load_model(
     adapter = adapter_for(model.config)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched evaluation needs a pad token
-    return LoadedModel(model, tokenizer, adapter, source or DEFAULT_MODEL, path, gguf)
+    # model_type as loaded: in-memory drops (e.g. --iterative) later change the config's
+    return LoadedModel(model, tokenizer, adapter, source or DEFAULT_MODEL, path, gguf,
+                       info={"model_type": model.config.model_type})

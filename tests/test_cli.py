@@ -91,8 +91,9 @@ def test_iterative_rescores_after_each_drop(workdir):
     imp = compute_importance(model, adapter, blocks, progress=False)["attn"]
     second = min((i for i in range(6) if i != first), key=lambda i: imp[i])
     assert json.loads(r.stdout)["plan"]["attn"] == sorted([first, second])
-    steps = json.loads((out / "llmdrop.json").read_text())["iterative_steps"]
-    assert [s["layer"] for s in steps] == [first, second]
+    record = json.loads((out / "llmdrop.json").read_text())
+    assert [s["layer"] for s in record["iterative_steps"]] == [first, second]
+    assert record["source"]["model_type"] == "llama"  # as loaded, not the in-memory dropped config
 
 
 def test_help_has_examples():
