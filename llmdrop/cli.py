@@ -167,23 +167,79 @@ def eval_cmd(
     dtype: Dtype = "auto",
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemote = False,
+    save: Annotated[bool, typer.Option("--save", help="Also record the result in MODEL/eval_results.json (MODEL must be a local directory); `llmdrop push` puts it in the model card.")] = False,
     json_out: Json = False,
     debug: Debug = False,
 ):
     """Perplexity on text (non-overlapping blocks). llmdrop exports load their remote code on their own.
 
     Example: `llmdrop eval smollm2-drop8attn --text wiki.txt --json`
+
+    Example: `llmdrop eval ./smollm2-drop8attn --save` (then `llmdrop push` shows it in the model card)
     """
+    from pathlib import Path
+
     from . import api
     from .report import console
 
+    if save and not (model and Path(model).expanduser().is_dir()):
+        raise LlmdropError(f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
+                           f"(got {model or 'the builtin default model'!r})")
     result = api.evaluate(model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size,
                           device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    saved = None
+    if save:
+        from .card import save_eval_result
+
+        saved = save_eval_result(Path(model).expanduser(), result)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
         console.print(f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
                       f"({result['samples']} x {result['seq_len']}) of {result['text']}")
+        if saved:
+            console.print(f"wrote {saved}", soft_wrap=True)
+
+
+@app.command("quantize")
+@cli_errors
+def quantize_cmd(
+    model: Annotated[Optional[str], typer.Argument(metavar="SRC", help="Checkpoint to quantize: an llmdrop export, local dir, Hub id, .gguf file, or builtin alias smollm2-135m (default).", show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="gptq (symmetric groups) or awq (activation-aware scaling, groups with zero points).", show_default=False)] = ...,
+    bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", help="Weights sharing one scale; must divide every layer's input size (vLLM's Marlin kernels: 32, 64 or 128).")] = 128,
+    calib: Calib = "self",
+    samples: Samples = None,
+    seq_len: SeqLen = None,
+    seed: Seed = 0,
+    device: Annotated[str, typer.Option(help="Where the weights live while quantizing: auto | cpu | cuda (llm-compressor runs each layer on the GPU when there is one).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Load dtype, kept for what is not quantized (embeddings, lm_head, norms): auto | float32 | bfloat16 | float16.")] = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show llm-compressor's own log (INFO and per-layer error metrics, on stdout).")] = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Quantize weights to 4 / 8 bits with llm-compressor (GPTQ or AWQ) into a compressed-tensors checkpoint that transformers loads and vLLM serves. Needs `pip install 'llmdrop[quant]'`.
+
+    Example: `llmdrop quantize smollm2-drop8attn -o smollm2-drop8attn-gptq --method gptq --group-size 64`
+    """
+    from .quantize import quantize
+    from .report import console
+
+    result = quantize(model, out, method=method, bits=bits, group_size=group_size, calib=calib, samples=samples,
+                      seq_len=seq_len, seed=seed, device=device, dtype=dtype, gguf_file=gguf_file,
+                      trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        c = result["calibration"]
+        console.print(f"quantized {result['quantized_modules']} Linear layers with {result['method'].upper()} "
+                      f"({result['scheme']}, group size {result['group_size']}; calibration {c['samples']} x "
+                      f"{c['seq_len']} tokens) in {result['seconds']:.0f} s; weights {result['weights_bytes'] / 2**20:.1f} MiB"
+                      f"\nwrote {result['out']}")
 
 
 @app.command("bench")
@@ -224,6 +280,51 @@ def bench_cmd(
     for path in (json_out, plot, markdown):
         if path and path != "-":
             console.print(f"wrote {path}")
+
+
+@app.command("push")
+@cli_errors
+def push_cmd(
+    folder: Annotated[str, typer.Argument(metavar="DIR", help="Checkpoint directory to upload (e.g. from `llmdrop drop`).", show_default=False)],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub model repo NAMESPACE/NAME; created if missing.", show_default=False)],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to commit to (created from main if missing) [default: main].", show_default=False)] = None,
+    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Commit message [default: Upload DIR with llmdrop VERSION].", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and the commit; no network, nothing written.")] = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token with write access [default: $HF_TOKEN, else the `hf auth login` one].", show_default=False)] = None,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Upload a checkpoint directory to the Hugging Face Hub in one commit (the model card is refreshed first).
+
+    Example: `llmdrop push smollm2-drop8attn --repo-id me/SmolLM2-135M-drop8attn --dry-run`
+    """
+    from .hub import push
+    from .report import console
+
+    result = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                  dry_run=dry_run, token=token)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    n, size = len(result["files"]), result["total_bytes"]
+    visibility = "private" if private else "public"
+    card = {"refreshed": "README.md: model card refreshed from llmdrop.json",
+            "created": "README.md: model card created from llmdrop.json",
+            "unchanged": "README.md: model card up to date",
+            "kept": "README.md: kept as is (not written by llmdrop)",
+            "no-record": "README.md: kept as is (no llmdrop.json)"}[result["card"]]
+    say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
+    if dry_run:
+        say(f"dry run: would push {n} files ({size:,} bytes) to {result['repo_id']} (revision {result['revision']}, "
+            f"{visibility} if created) in one commit: {result['commit_message']!r}")
+        for f in result["files"]:
+            say(f"  {f['size']:>15,}  {f['path']}")
+    else:
+        say(f"pushed {n} files ({size:,} bytes) to {result['repo_id']} (revision {result['revision']}) in commit "
+            f"{result['commit']}")
+    say(card)
+    typer.echo(result["url"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,476 @@
+"""Quantize a checkpoint's weights to 4 or 8 bits with llm-compressor (GPTQ or AWQ), in the compressed-tensors format.
+
+transformers loads the result (with the ``compressed-tensors`` package installed) and vLLM serves it with its
+CUDA kernels (Marlin). The source can be anything ``llmdrop.models.load_model`` loads: a vanilla checkpoint, an
+llmdrop export with remote code (its ``auto_map``, modeling files and ``llmdrop.json`` are kept), a Hub id, a
+``.gguf`` file or the builtin alias (dequantized on load). Dropped sublayers are simply not there to quantize.
+
+llm-compressor pins its own transformers / torch ranges, so it is the optional extra ``llmdrop[quant]`` and is
+imported only inside the functions below: the rest of llmdrop works without it.
+
+Calibration uses the same sources as ``llmdrop score`` (``self`` by default): the token blocks are handed to
+``oneshot`` as an already tokenized dataset (``input_ids`` / ``attention_mask``).
+
+Two adaptations to llm-compressor 0.14, both narrow and tested (tests/test_quantize.py):
+
+- AWQ on a machine without an accelerator: ``AWQModifier._apply_smoothing`` pins its cached activations
+  (``IntermediatesCache.pin_memory``) to speed up CPU->GPU copies, and ``Tensor.pin_memory()`` raises
+  "Cannot access accelerator device when none is available". There is no option to turn it off, so
+  :func:`no_pin_memory_without_accelerator` makes that one method a no-op while quantizing, only when
+  ``torch.accelerator.is_available()`` is false (nothing is ever copied to a GPU then), and restores it after.
+- AWQ mappings for exports with dropped sublayers: a dropped sublayer's norms are ``nn.Identity`` stand-ins that
+  still match the default regexes (``re:.*input_layernorm$``) while their balance layers (``q_proj``...) are gone,
+  which makes AWQ fail ("needs to match a single smoothlayer"). :func:`awq_mappings` narrows each mapping's smooth
+  layer to the modules that have weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import LlmdropError
+
+METHODS = ("gptq", "awq")
+BITS = (4, 8)  # what vLLM's compressed-tensors kernels (Marlin) serve for integer weights with 16-bit activations
+INSTALL = "pip install 'llmdrop[quant]'"
+FORMAT = "llmdrop.quantize/1"  # llmdrop.json of a quantized checkpoint whose source had none
+IGNORE = ["lm_head"]  # the output projection stays in full precision, as in llm-compressor's examples
+
+
+# --------------------------------------------------------------------------- llm-compressor, lazily
+
+
+def require_llmcompressor():
+    """The ``llmcompressor`` module, or an LlmdropError that says how to install it."""
+    try:
+        import llmcompressor
+    except ImportError as e:
+        if (getattr(e, "name", None) or "").split(".")[0] == "llmcompressor":
+            raise LlmdropError(f"llmdrop quantize needs llm-compressor, which is not installed: {INSTALL}") from None
+        raise LlmdropError(f"llm-compressor is installed but does not import ({e}); it needs transformers "
+                           f"5.15-5.17 and torch <= 2.14: {INSTALL}") from None
+    return llmcompressor
+
+
+def compressor_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
+    out = {}
+    for dist in ("llmcompressor", "compressed-tensors"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return {**out, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def compute_device() -> str:
+    """Where llm-compressor runs the layers: the accelerator when there is one (its get_main_device), else the CPU."""
+    return torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
+
+
+@contextmanager
+def no_pin_memory_without_accelerator():
+    """While active, and only on a machine without an accelerator, ``IntermediatesCache.pin_memory`` (called by
+    llm-compressor's AWQ before its grid search, to speed up CPU->GPU copies) does nothing instead of raising
+    "Cannot access accelerator device when none is available". Pinning has no use there: nothing is copied to a GPU.
+    """
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.__dict__.get("pin_memory")
+    if torch.accelerator.is_available() or original is None:
+        yield False
+        return
+
+    def pin_memory(self, batch_index, input_names=None):  # same signature as the method it stands in for
+        return None
+
+    IntermediatesCache.pin_memory = pin_memory
+    try:
+        yield True
+    finally:
+        IntermediatesCache.pin_memory = original
+
+
+@contextmanager
+def compressor_logging(verbose: bool):
+    """llm-compressor logs INFO and per-module METRIC lines to stdout; unless ``verbose``, show only its
+    warnings and errors, on stderr (stdout stays clean for ``--json``). Its own configuration is restored after."""
+    if verbose:
+        yield
+        return
+    from llmcompressor.logger import LOGGER_CONFIG, configure_logger, logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}",
+               filter=lambda r: r["level"].name != "METRIC")
+    try:
+        yield
+    finally:
+        configure_logger(LOGGER_CONFIG)
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def scheme_name(bits: int, symmetric: bool) -> str:
+    return f"W{bits}A16" + ("" if symmetric else "_ASYM")
+
+
+def quantization_groups(bits: int, group_size: int, symmetric: bool) -> dict:
+    """compressed-tensors config group: integer weights, one scale (and zero point if asymmetric) per group."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=bits, type="int", strategy="group", group_size=group_size,
+                               symmetric=symmetric, dynamic=False)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def _has_weights(module) -> bool:
+    return next(module.parameters(recurse=True), None) is not None
+
+
+def awq_mappings(model) -> list:
+    """llm-compressor's AWQ mappings for ``model``'s architecture (found along the class's bases, so that an
+    export's ``LlmdropLlamaForCausalLM`` gets Llama's), each smooth layer narrowed to modules that have weights.
+
+    A dropped sublayer leaves ``nn.Identity`` norms behind under the same names; a regex such as
+    ``re:.*input_layernorm$`` matches them too, and AWQ then groups three norms with one set of projections and
+    fails. Mappings whose every smooth layer is gone are left out.
+    """
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, AWQMapping
+    from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
+
+    base = next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in AWQ_MAPPING_REGISTRY), None)
+    mappings = AWQ_MAPPING_REGISTRY[base] if base else get_layer_mappings_from_model(model)
+    named = list(model.named_modules())
+    out = []
+    for mapping in mappings:
+        target = mapping.smooth_layer
+        matches = [(n, m) for n, m in named
+                   if (re.match(target[3:], n) if target.startswith("re:") else n == target)]
+        real = [n for n, m in matches if _has_weights(m)]
+        if len(real) == len(matches):
+            out.append(mapping)
+        elif real:
+            exact = "re:(?:" + "|".join(re.escape(n) for n in real) + ")$"
+            out.append(AWQMapping(exact, list(mapping.balance_layers), mapping.activation_hook_target))
+    return out
+
+
+def recipe_for(method: str, bits: int, group_size: int, model) -> tuple[list, bool]:
+    """(llm-compressor modifiers, symmetric). GPTQ: symmetric groups (W4A16); AWQ: asymmetric (W4A16_ASYM),
+    the schemes of llm-compressor's own examples."""
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if method == "gptq":
+        return [GPTQModifier(config_groups=quantization_groups(bits, group_size, True), ignore=IGNORE)], True
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    groups = quantization_groups(bits, group_size, False)
+    return [AWQModifier(mappings=awq_mappings(model)), QuantizationModifier(config_groups=groups, ignore=IGNORE)], False
+
+
+def check_group_size(model, group_size: int) -> int:
+    """The number of Linear layers to quantize; every one's input size must be a multiple of ``group_size``."""
+    linears = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORE]
+    if not linears:
+        raise LlmdropError("the model has no Linear layers to quantize")
+    for name, m in linears:
+        if m.in_features % group_size:
+            common = math.gcd(*(m.in_features for _, m in linears))
+            options = [g for g in (128, 64, 32, 16) if common % g == 0]
+            hint = f"e.g. --group-size {options[0]}" if options else f"a divisor of {common}"
+            raise LlmdropError(f"--group-size {group_size} does not divide the input size {m.in_features} of "
+                               f"{name}; use {hint}")
+    return len(linears)
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _split_front_matter(card: str) -> tuple[list[str], str] | None:
+    if not card.startswith("---\n") or "\n---\n" not in card[4:]:
+        return None
+    head, body = card[4:].split("\n---\n", 1)
+    return head.split("\n"), body
+
+
+def _with_front_matter(card: str, tags: list[str], relation: str | None) -> str:
+    """``card`` with ``tags`` added to its YAML tag list and ``base_model_relation`` set after ``base_model``."""
+    parts = _split_front_matter(card)
+    if parts is None:
+        return card
+    head, body = parts
+    if "tags:" in head:
+        at = head.index("tags:") + 1
+        while at < len(head) and head[at].startswith("- "):
+            at += 1
+        existing = {line[2:] for line in head if line.startswith("- ")}
+        head[at:at] = [f"- {t}" for t in tags if t not in existing]
+    else:
+        head += ["tags:"] + [f"- {t}" for t in tags]
+    if relation and any(line.startswith("base_model:") for line in head):
+        at = next(i for i, line in enumerate(head) if line.startswith("base_model:")) + 1
+        head.insert(at, f"base_model_relation: {relation}")
+    return "---\n" + "\n".join(head) + "\n---\n" + body
+
+
+def quantization_section(q: dict, *, remote_code: bool) -> list[str]:
+    calib = q["calibration"]
+    trust = ", trust_remote_code=True" if remote_code else ""
+    lines = [
+        "## Quantization",
+        "",
+        f"Weights of the Linear layers quantized to **{q['bits']}-bit integers with {q['method'].upper()}** "
+        f"(scheme `{q['scheme']}`, group size {q['group_size']}, {'symmetric' if q['symmetric'] else 'with zero points'}; "
+        f"`lm_head` and the embeddings kept in {q.get('dtype') or 'full precision'}) by "
+        f"[llm-compressor](https://github.com/vllm-project/llm-compressor) {q['versions'].get('llmcompressor')}, "
+        f"saved in the compressed-tensors format (`{q.get('format')}`).",
+        "",
+        f"Calibration: `{calib['source']}`, {calib['samples']} x {calib['seq_len']} tokens, seed {calib['seed']}.",
+        "",
+        "Loading it with transformers needs the `compressed-tensors` package (`pip install compressed-tensors`):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{trust})',
+        "```",
+        "",
+        "vLLM serves compressed-tensors checkpoints of the architectures it implements with its CUDA kernels "
+        "(Marlin)" + ("; this one has custom code for its removed sublayers, which vLLM does not implement natively."
+                      if remote_code else ": `vllm serve PATH_OR_REPO`."),
+        "",
+    ]
+    return lines
+
+
+def quantized_card(record: dict, *, source_record: bool, remote_code: bool) -> str:
+    """README.md of the quantized checkpoint. For an llmdrop export, the export's card (llmdrop.card.model_card)
+    with the quantization section appended below its end marker (so that ``llmdrop push`` keeps it when it
+    refreshes the card) and the compressed-tensors tags; otherwise a short card of its own."""
+    from .card import hub_id, model_card
+    from .models import BUILTIN_BASE_MODELS
+
+    q = record["quantization"]
+    tags = ["compressed-tensors", q["method"], f"{q['bits']}-bit"]
+    section = "\n".join(quantization_section(q, remote_code=remote_code))
+    if source_record:
+        card = model_card(record).rstrip("\n") + "\n\n" + section
+        # Layers were dropped as well: the checkpoint is not just a quantization of the base model.
+        return _with_front_matter(card, tags, relation=None)
+    src = record["source"]
+    base = hub_id(BUILTIN_BASE_MODELS.get(src["model"]) or src["model"])
+    name = base or Path(str(src["model"])).name
+    trust = ", trust_remote_code=True" if remote_code else ""
+    lines = [
+        "---",
+        *([f"base_model: {base}", "base_model_relation: quantized"] if base else []),
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:", "- llmdrop", *[f"- {t}" for t in tags],
+        "---",
+        "",
+        f"# {name}, {q['bits']}-bit {q['method'].upper()}",
+        "",
+        f"This checkpoint is {f'[{base}](https://huggingface.co/{base})' if base else f'`{name}`'} with its weights "
+        f"quantized by [llmdrop](https://github.com/llmdrop/llmdrop) (`llmdrop quantize`).",
+        "",
+        *quantization_section(q, remote_code=remote_code),
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO"{trust})',
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO"{trust})',
+        "```",
+        "",
+        "`llmdrop.json` records the source, the quantization settings, the calibration and the versions used.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the verb
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+@contextmanager
+def _config_home_for_gguf(model, gguf_file: str | None):
+    """llm-compressor reads ``config._name_or_path``/config.json (to validate the model, and to write the saved
+    config from the original one) and copies the ``*.py`` files found there. A GGUF source's directory has no
+    config.json (and, for the builtin alias, a Python package): point it at a folder holding the model's own
+    (dequantized) config for the duration."""
+    if not gguf_file:
+        yield
+        return
+    original = model.config._name_or_path
+    with tempfile.TemporaryDirectory(prefix="llmdrop-gguf-config-") as home:
+        model.config.save_pretrained(home)
+        model.config._name_or_path = home
+        try:
+            yield
+        finally:
+            model.config._name_or_path = original
+
+
+def quantize(
+    model: str | None = None,
+    out: str | None = None,
+    *,
+    method: str,
+    bits: int = 4,
+    group_size: int = 128,
+    calib: str = "self",
+    samples: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    verbose: bool = False,
+    loaded=None,
+) -> dict:
+    """Quantize ``model`` with GPTQ or AWQ (llm-compressor) and write a compressed-tensors checkpoint to ``out``.
+
+    ``device`` is where the weights live while quantizing and where ``self`` calibration text is sampled;
+    llm-compressor itself runs each layer on the accelerator when there is one. The model (or ``loaded``) is
+    consumed. Returns a summary: out, method, bits, group_size, scheme, seconds, weights_bytes.
+    """
+    from .api import calibration_defaults
+    from .data import calibration_blocks
+    from .export import _replace_dir, _strip_gguf_quantization, check_output_dir
+    from .models import is_llmdrop_export, load_model
+
+    if not out:
+        raise LlmdropError("give an output directory (-o OUT)")
+    method = str(method).lower()
+    if method not in METHODS:
+        raise LlmdropError(f"unknown --method {method!r}; use {' or '.join(METHODS)}")
+    if bits not in BITS:
+        raise LlmdropError(f"--bits {bits} is not supported; use {' or '.join(map(str, BITS))}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise LlmdropError(f"--group-size must be a whole number >= 1, got {group_size!r}")
+    out = Path(out)
+    check_output_dir(out, overwrite)  # before the slow part
+    require_llmcompressor()
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    started = time.perf_counter()
+    if loaded is None:
+        loaded = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file,
+                            trust_remote_code=trust_remote_code)
+    net = loaded.model
+    source_dir = Path(loaded.path) if Path(loaded.path).is_dir() and not loaded.gguf_file else None
+    if loaded.gguf_file:
+        _strip_gguf_quantization(net)  # dequantized on load: what gets quantized is plain float weights
+    elif getattr(net.config, "quantization_config", None) is not None:
+        qc = net.config.quantization_config
+        kind = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        raise LlmdropError(f"{loaded.source} is already quantized ({kind}); quantize an unquantized checkpoint")
+    n_linear = check_group_size(net, group_size)
+    trust = trust_remote_code or is_llmdrop_export(loaded.path)
+
+    samples, seq_len = calibration_defaults(calib, samples, seq_len)
+    blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, model=net)
+    dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
+    recipe, symmetric = recipe_for(method, bits, group_size, net)
+    dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.llmdrop-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted run
+    try:
+        with compressor_logging(verbose), _config_home_for_gguf(net, loaded.gguf_file), \
+                no_pin_memory_without_accelerator(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            oneshot(model=net, processor=loaded.tokenizer, dataset=dataset, recipe=recipe,
+                    num_calibration_samples=len(blocks), max_seq_length=seq_len, shuffle_calibration_samples=False,
+                    trust_remote_code_model=trust)
+            with warnings.catch_warnings():  # transformers' note about saving offloaded modules: they are on the CPU
+                warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+                net.save_pretrained(tmp, save_compressed=True)
+        seconds = time.perf_counter() - started
+        _finish_folder(tmp, loaded, source_dir)
+        config = json.loads((tmp / "config.json").read_text())
+        remote_code = bool(config.get("auto_map"))
+        qconfig = config.get("quantization_config") or {}
+        q = {
+            "method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+            "scheme": scheme_name(bits, symmetric), "format": qconfig.get("format"), "targets": ["Linear"],
+            "ignore": IGNORE, "quantized_modules": n_linear, "dtype": dtype_name,
+            "calibration": {"source": calib, "samples": samples, "seq_len": seq_len, "seed": seed,
+                            "tokens": blocks.numel()},
+            "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file},
+            "device": compute_device(),
+            "seconds": round(seconds, 1),
+            "versions": compressor_versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        record_path = source_dir / "llmdrop.json" if source_dir else None
+        source_record = bool(record_path and record_path.is_file())
+        if source_record:
+            record = json.loads(record_path.read_text())
+        else:
+            from .export import versions
+
+            record = {"format": FORMAT,
+                      "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file,
+                                 "model_type": loaded.info.get("model_type", net.config.model_type),
+                                 "num_layers": net.config.num_hidden_layers},
+                      "versions": versions(), "created": q["created"]}
+        record["quantization"] = q
+        (tmp / "llmdrop.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(quantized_card(record, source_record=source_record, remote_code=remote_code))
+        weights = _weights_bytes(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "method": method, "bits": bits, "group_size": group_size, "scheme": q["scheme"],
+            "quantized_modules": n_linear, "calibration": q["calibration"], "seconds": q["seconds"],
+            "weights_bytes": weights}
+
+
+def _finish_folder(tmp: Path, loaded, source_dir: Path | None) -> None:
+    """Tokenizer, generation config and (for remote-code sources) the modeling files and auto_map."""
+    loaded.tokenizer.save_pretrained(tmp)
+    if source_dir and (source_dir / "generation_config.json").is_file():
+        shutil.copy(source_dir / "generation_config.json", tmp / "generation_config.json")
+    elif not (tmp / "generation_config.json").exists() and getattr(loaded.model, "generation_config", None):
+        loaded.model.generation_config.save_pretrained(tmp)
+    if not source_dir:
+        return
+    source_config = json.loads((source_dir / "config.json").read_text())
+    if not source_config.get("auto_map"):
+        return
+    for py in source_dir.glob("*.py"):  # llm-compressor copies them too; make sure, whatever its version
+        if not (tmp / py.name).exists():
+            shutil.copy(py, tmp / py.name)
+    config = json.loads((tmp / "config.json").read_text())
+    if config.get("auto_map") != source_config["auto_map"]:
+        config["auto_map"] = source_config["auto_map"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
