@@ -177,14 +177,26 @@ def evaluate(
     dtype: str = "auto",
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    save: bool = False,
     loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> dict:
-    """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop)."""
+    """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop).
+
+    ``save`` also records the result in MODEL/eval_results.json, which `llmdrop push` puts in the model card.
+    """
     from .evaluation import perplexity
 
+    if save and not (model and Path(model).expanduser().is_dir()):
+        raise LlmdropError(f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
+                           f"(got {model or 'the builtin default model'!r})")
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     text_path = text or DEFAULT_EVAL_TEXT
     blocks = blocks_from_texts(load_texts(text_path), loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed)
-    result = perplexity(loaded.model, blocks, batch_size=batch_size, progress=progress)
-    return {"model": loaded.source, "text": str(text_path), **result}
+    result = {"model": loaded.source, "text": str(text_path),
+              **perplexity(loaded.model, blocks, batch_size=batch_size, progress=progress)}
+    if save:
+        from .card import save_eval_result
+
+        return {**result, "saved_to": str(save_eval_result(Path(model).expanduser(), result))}
+    return result

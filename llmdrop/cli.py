@@ -177,21 +177,13 @@ def eval_cmd(
 
     Example: `llmdrop eval ./smollm2-drop8attn --save` (then `llmdrop push` shows it in the model card)
     """
-    from pathlib import Path
-
     from . import api
     from .report import console
 
-    if save and not (model and Path(model).expanduser().is_dir()):
-        raise LlmdropError(f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
-                           f"(got {model or 'the builtin default model'!r})")
     result = api.evaluate(model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size,
-                          device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    saved = None
-    if save:
-        from .card import save_eval_result
-
-        saved = save_eval_result(Path(model).expanduser(), result)
+                          device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                          save=save)
+    saved = result.pop("saved_to", None)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:

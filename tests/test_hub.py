@@ -187,7 +187,7 @@ def isolated_hub_env(monkeypatch, tmp_path):
 def hub(monkeypatch):
     state = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
     _point_at(monkeypatch, state.url)
