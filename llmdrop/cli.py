@@ -201,6 +201,7 @@ def quantize_cmd(
     method: Annotated[str, typer.Option(help="gptq (symmetric groups) or awq (activation-aware scaling, groups with zero points).", show_default=False)] = ...,
     bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Weights sharing one scale; must divide every layer's input size (vLLM's Marlin kernels: 32, 64 or 128).")] = 128,
+    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Scales only, or scales and zero points [default: symmetric for gptq, asymmetric for awq].", show_default=False)] = None,
     calib: Calib = "self",
     samples: Samples = None,
     seq_len: SeqLen = None,
@@ -221,8 +222,8 @@ def quantize_cmd(
     from .quantize import quantize
     from .report import console
 
-    result = quantize(model, out, method=method, bits=bits, group_size=group_size, calib=calib, samples=samples,
-                      seq_len=seq_len, seed=seed, device=device, dtype=dtype, gguf_file=gguf_file,
+    result = quantize(model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric, calib=calib,
+                      samples=samples, seq_len=seq_len, seed=seed, device=device, dtype=dtype, gguf_file=gguf_file,
                       trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose)
     if json_out:
         typer.echo(json.dumps(result, indent=2))

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -106,6 +106,15 @@ def no_pin_memory_without_accelerator():
         IntermediatesCache.pin_memory = original
 
 
+def import_llmcompressor(verbose: bool = False):
+    """``require_llmcompressor`` with stdout kept clean: importing llm-compressor configures its logger on stdout
+    and already logs (e.g. "No accelerator available!"); unless ``verbose`` that goes to stderr instead."""
+    if verbose:
+        return require_llmcompressor()
+    with redirect_stdout(sys.stderr):
+        return require_llmcompressor()
+
+
 @contextmanager
 def compressor_logging(verbose: bool):
     """llm-compressor logs INFO and per-module METRIC lines to stdout; unless ``verbose``, show only its
@@ -119,9 +128,10 @@ def compressor_logging(verbose: bool):
     logger.add(sys.stderr, level="WARNING", format="{level}: {message}",
                filter=lambda r: r["level"].name != "METRIC")
     try:
-        yield
+        with redirect_stdout(sys.stderr):  # anything else it prints, too
+            yield
     finally:
-        configure_logger(LOGGER_CONFIG)
+        configure_logger(LOGGER_CONFIG)  # outside the redirection: its handler writes to the real stdout again
 
 
 # --------------------------------------------------------------------------- recipe
@@ -172,17 +182,19 @@ def awq_mappings(model) -> list:
     return out
 
 
-def recipe_for(method: str, bits: int, group_size: int, model) -> tuple[list, bool]:
-    """(llm-compressor modifiers, symmetric). GPTQ: symmetric groups (W4A16); AWQ: asymmetric (W4A16_ASYM),
-    the schemes of llm-compressor's own examples."""
+def recipe_for(method: str, bits: int, group_size: int, model, symmetric: bool | None = None) -> tuple[list, bool]:
+    """(llm-compressor modifiers, symmetric). By default GPTQ quantizes to symmetric groups (W4A16) and AWQ to
+    groups with zero points (W4A16_ASYM), the schemes of llm-compressor's own examples."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
+    if symmetric is None:
+        symmetric = method == "gptq"
+    groups = quantization_groups(bits, group_size, symmetric)
     if method == "gptq":
-        return [GPTQModifier(config_groups=quantization_groups(bits, group_size, True), ignore=IGNORE)], True
+        return [GPTQModifier(config_groups=groups, ignore=IGNORE)], symmetric
     from llmcompressor.modifiers.transform import AWQModifier
 
-    groups = quantization_groups(bits, group_size, False)
-    return [AWQModifier(mappings=awq_mappings(model)), QuantizationModifier(config_groups=groups, ignore=IGNORE)], False
+    return [AWQModifier(mappings=awq_mappings(model)), QuantizationModifier(config_groups=groups, ignore=IGNORE)], symmetric
 
 
 def check_group_size(model, group_size: int) -> int:
@@ -341,6 +353,7 @@ def quantize(
     method: str,
     bits: int = 4,
     group_size: int = 128,
+    symmetric: bool | None = None,
     calib: str = "self",
     samples: int | None = None,
     seq_len: int | None = None,
@@ -357,7 +370,8 @@ def quantize(
 
     ``device`` is where the weights live while quantizing and where ``self`` calibration text is sampled;
     llm-compressor itself runs each layer on the accelerator when there is one. The model (or ``loaded``) is
-    consumed. Returns a summary: out, method, bits, group_size, scheme, seconds, weights_bytes.
+    consumed. ``symmetric`` None: the method's usual scheme (GPTQ symmetric, AWQ with zero points). Returns a
+    summary: out, method, bits, group_size, scheme, quantized_modules, calibration, seconds, weights_bytes.
     """
     from .api import calibration_defaults
     from .data import calibration_blocks
@@ -375,7 +389,7 @@ def quantize(
         raise LlmdropError(f"--group-size must be a whole number >= 1, got {group_size!r}")
     out = Path(out)
     check_output_dir(out, overwrite)  # before the slow part
-    require_llmcompressor()
+    import_llmcompressor(verbose)
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -397,7 +411,6 @@ def quantize(
     samples, seq_len = calibration_defaults(calib, samples, seq_len)
     blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, model=net)
     dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
-    recipe, symmetric = recipe_for(method, bits, group_size, net)
     dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -406,6 +419,7 @@ def quantize(
     try:
         with compressor_logging(verbose), _config_home_for_gguf(net, loaded.gguf_file), \
                 no_pin_memory_without_accelerator(), torch.random.fork_rng(devices=[]):
+            recipe, symmetric = recipe_for(method, bits, group_size, net, symmetric)  # imports log too
             torch.manual_seed(seed)
             oneshot(model=net, processor=loaded.tokenizer, dataset=dataset, recipe=recipe,
                     num_calibration_samples=len(blocks), max_seq_length=seq_len, shuffle_calibration_samples=False,
