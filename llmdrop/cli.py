@@ -320,5 +320,14 @@ def push_cmd(
     typer.echo(result["url"])
 
 
+# ---- analysis: probe / inject (Attend First) ----
+
+
+# ---- analysis: act (attention-sink calibration) ----
+
+
+# ---- analysis: attnmap (attention maps with a logit lens) ----
+
+
 if __name__ == "__main__":
     sys.exit(app())
