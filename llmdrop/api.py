@@ -108,6 +108,7 @@ def drop(
     block_layers: str | list[int] | None = None,
     scores: str | Scores | None = None,
     iterative: bool = False,
+    skip_attention_from: int | None = None,
     calib: str = "self",
     samples: int | None = None,
     seq_len: int | None = None,
@@ -122,7 +123,10 @@ def drop(
     loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> tuple[Path, DropPlan]:
-    """Choose what to drop (by score or explicitly) and export the result to ``out``."""
+    """Choose what to drop (by score or explicitly) and export the result to ``out``.
+
+    ``skip_attention_from=K`` drops the attention sublayers of layers K..L-1 (the "skip-attention" manipulation).
+    """
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
     check_output_dir(Path(out), overwrite)  # fail before the slow part
@@ -135,6 +139,15 @@ def drop(
                                              ("block_layers", block_layers))}
     counted = attn or mlp or blocks or joint
     extra = {}
+    if skip_attention_from is not None:
+        # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
+        if counted or iterative:
+            raise LlmdropError("--skip-attention-from combines only with explicit layer lists, not with "
+                               "--attn/--mlp/--blocks/--joint counts or --iterative")
+        from .manipulate import skip_attention_layers
+
+        lists["attn_layers"] = sorted(set(lists["attn_layers"]) | set(skip_attention_layers(n, skip_attention_from)))
+        extra["skip_attention_from"] = skip_attention_from
     if isinstance(scores, (str, Path)):
         scores = Scores.load(scores)
     if scores is not None and scores.num_layers != n:

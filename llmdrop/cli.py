@@ -121,6 +121,7 @@ def drop_cmd(
     block_layers: Annotated[Optional[str], typer.Option("--block-layers", help="Explicit 0-based blocks.")] = None,
     scores: Annotated[Optional[str], typer.Option(help="Reuse a scores JSON from `llmdrop score` instead of scoring.")] = None,
     iterative: Annotated[bool, typer.Option(help="Re-score after every single drop (in process).")] = False,
+    skip_attention_from: Annotated[Optional[int], typer.Option("--skip-attention-from", help="Drop attention in layers K..L-1 (as `llmdrop probe --manipulation skip-attention` at K).", show_default=False)] = None,
     calib: Calib = "self",
     samples: Samples = None,
     seq_len: SeqLen = None,
@@ -144,6 +145,7 @@ def drop_cmd(
 
     path, plan = api.drop(model, out, attn=attn, mlp=mlp, blocks=blocks, joint=joint, attn_layers=attn_layers,
                           mlp_layers=mlp_layers, block_layers=block_layers, scores=scores, iterative=iterative,
+                          skip_attention_from=skip_attention_from,
                           calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
                           batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
                           trust_remote_code=trust_remote_code, overwrite=overwrite)
@@ -202,6 +204,7 @@ def quantize_cmd(
     bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", help="Weights sharing one scale; must divide every layer's input size (vLLM's Marlin kernels: 32, 64 or 128).")] = 128,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Scales only, or scales and zero points [default: symmetric for gptq, asymmetric for awq].", show_default=False)] = None,
+    observer: Annotated[str, typer.Option(help="Group scales from the min/max or the least-squared-error clipping: auto | minmax | mse (auto: mse for gptq, minmax for awq).")] = "auto",
     calib: Calib = "self",
     samples: Samples = None,
     seq_len: SeqLen = None,
@@ -222,15 +225,15 @@ def quantize_cmd(
     from .quantize import quantize
     from .report import console
 
-    result = quantize(model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric, calib=calib,
-                      samples=samples, seq_len=seq_len, seed=seed, device=device, dtype=dtype, gguf_file=gguf_file,
+    result = quantize(model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
+                      calib=calib, samples=samples, seq_len=seq_len, seed=seed, device=device, dtype=dtype, gguf_file=gguf_file,
                       trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
         c = result["calibration"]
         console.print(f"quantized {result['quantized_modules']} Linear layers with {result['method'].upper()} "
-                      f"({result['scheme']}, group size {result['group_size']}; calibration {c['samples']} x "
+                      f"({result['scheme']}, group size {result['group_size']}, {result['observer']} scales; calibration {c['samples']} x "
                       f"{c['seq_len']} tokens) in {result['seconds']:.0f} s; weights {result['weights_bytes'] / 2**20:.1f} MiB"
                       f"\nwrote {result['out']}")
 
@@ -322,11 +325,277 @@ def push_cmd(
 
 # ---- analysis: probe / inject (Attend First) ----
 
+Layers = Annotated[Optional[str], typer.Option(help="0-based layers k to manipulate, e.g. 0-29 or 4,8,12 [default: all].", show_default=False)]
+
+
+@app.command("probe")
+@cli_errors
+def probe_cmd(
+    model: Model = None,
+    manipulation: Annotated[str, typer.Option(help="freeze | random | shuffle | skip-attention | all (comma lists too).")] = "all",
+    task: Annotated[str, typer.Option(help="capitals (built in) or a JSONL file of {\"prompt\", \"answer\"}.")] = "capitals",
+    layers: Layers = None,
+    samples: Annotated[Optional[int], typer.Option(help="Use a seeded subset of N prompts [default: all].", show_default=False)] = None,
+    seed: Seed = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write the accuracy / gold log-prob plot (PNG) here.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Manipulate the previous tokens from each layer k on and measure task accuracy (Attend First, Fig. 2).
+
+    Example: `llmdrop probe smollm2-135m --manipulation all --task capitals --out probe.json --plot probe.png`
+    """
+    from rich.table import Table
+
+    from .probing import harmless_from, probe
+    from .report import console
+
+    result = probe(model, manipulation=manipulation, task=task, layers=layers, samples=samples, seed=seed,
+                   batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
+                   trust_remote_code=trust_remote_code, out=out, plot=plot)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    kinds = list(dict.fromkeys(r["manipulation"] for r in result["results"]))
+    table = Table(title=f"{result['model']} on {result['task']} ({result['samples']} prompts): accuracy / gold log-prob; "
+                        f"baseline {result['baseline']['accuracy']:.2f} / {result['baseline']['gold_logprob']:.2f}")
+    table.add_column("layer", justify="right")
+    for kind in kinds:
+        table.add_column(kind, justify="right")
+    cell = {(r["manipulation"], r["layer"]): f"{r['accuracy']:.2f} / {r['gold_logprob']:.2f}" for r in result["results"]}
+    for layer in sorted({r["layer"] for r in result["results"]}):
+        table.add_row(str(layer), *(cell.get((k, layer), "") for k in kinds))
+    console.print(table)
+    for kind in kinds:
+        k = harmless_from(result, kind)
+        console.print(f"{kind}: within 90% of baseline accuracy from layer {k if k is not None else '- (never)'} on")
+    for path in (out, plot):
+        if path:
+            console.print(f"wrote {path}")
+
+
+@app.command("inject")
+@cli_errors
+def inject_cmd(
+    model: Model = None,
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt whose word is replaced.")] = None,
+    word: Annotated[Optional[str], typer.Option(help="The word in PROMPT (all its whole-word occurrences are replaced).")] = None,
+    donor: Annotated[Optional[str], typer.Option(help="The donor prompt.")] = None,
+    donor_word: Annotated[Optional[str], typer.Option("--donor-word", help="The word in DONOR whose states are injected.")] = None,
+    watch: Annotated[Optional[str], typer.Option(help="Comma-separated answers whose log-probs are reported, e.g. Paris,Rome.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="capitals: swap every country with another and count who follows.")] = None,
+    layers: Layers = None,
+    samples: Annotated[Optional[int], typer.Option(help="--task: use a seeded subset of N countries.", show_default=False)] = None,
+    seed: Seed = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
+    json_file: Annotated[Optional[str], typer.Option("--json", help="Write the results JSON here.")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot here.")] = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    debug: Debug = False,
+):
+    """Inject a donor word's hidden state into a prompt at each layer k and see whether the model follows.
+
+    Example: `llmdrop inject smollm2-135m --prompt "Q: What is the capital of France?\\nA:" --word France
+    --donor "Q: What is the capital of Italy?\\nA:" --donor-word Italy --watch Paris,Rome`
+    """
+    from rich.table import Table
+
+    from .probing import followed_until, inject
+    from .report import console
+
+    unescape = (lambda s: s.replace("\\n", "\n") if s is not None else None)  # shells make "\n" hard to type
+    result = inject(model, prompt=unescape(prompt), word=word, donor=unescape(donor), donor_word=donor_word,
+                    watch=watch, task=task, layers=layers, samples=samples, seed=seed, batch_size=batch_size,
+                    device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                    json_path=json_file, plot=plot)
+    capitals = result.get("task") == "capitals"
+    table = Table(title=f"{result['model']}: injection per layer" + (f" ({result['pairs']} capital swaps)" if capitals else ""))
+    for col in ["layer", "top token"] + ([*("follow", "keep", "other")] if capitals else []) + [f"log p({w})" for w in result["watch"]]:
+        table.add_column(col, justify="right")
+    for r in [{"layer": "none", **result["baseline"]}] + result["layers"]:
+        extra = [f"{r[k]:.2f}" for k in ("follow", "keep", "other")] if capitals else []
+        table.add_row(str(r["layer"]), repr(r["top_token"]), *extra, *(f"{r['watch_logprobs'][w]:.3f}" for w in result["watch"]))
+    console.print(table)
+    if capitals:
+        k = followed_until(result)
+        console.print(f"the injection is followed by at least half of the prompts up to layer {k if k is not None else '- (never)'}")
+    for path in (json_file, plot):
+        if path:
+            console.print(f"wrote {path}")
+
 
 # ---- analysis: act (attention-sink calibration) ----
 
+act_app = typer.Typer(help="Attention-sink calibration (ACT): find the heads whose calibration helps a task, measure it, export it.",
+                      no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(act_app, name="act")
+
+ActTask = Annotated[str, typer.Option("--task", help="Multiple-choice JSONL ({prompt, choices, label} per line) [default: llmdrop's built-in act_mc.jsonl].", show_default=False)]
+ActSplit = Annotated[float, typer.Option("--split", help="Fraction of the items used for calibration (seeded); the rest is held out.")]
+ActNorm = Annotated[str, typer.Option("--norm", help="Choice score: sum (summed log-prob of its tokens) or mean (per token).")]
+
+
+def _default_task(task):
+    from .act import DEFAULT_TASK
+
+    return task or str(DEFAULT_TASK)
+
+
+@act_app.command("search")
+@cli_errors
+def act_search_cmd(
+    model: Model = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="heads.json to write (and resume from if it exists).", show_default=False)] = ...,
+    task: ActTask = None,
+    beta: Annotated[float, typer.Option(help="Factor on the attention paid to sinks.")] = 0.4,
+    threshold: Annotated[float, typer.Option(help="Sink score (mean attention a key receives) above which a key is a sink.")] = 0.1,
+    layers: Annotated[Optional[str], typer.Option(help="Only these 0-based layers, e.g. 3,5,20-29 [default: all].", show_default=False)] = None,
+    max_heads: Annotated[Optional[int], typer.Option("--max-heads", help="Keep at most N heads (best gains first).", show_default=False)] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Then combine the kept heads greedily (best first, kept while accuracy rises).")] = False,
+    split: ActSplit = 0.5,
+    seed: Seed = 0,
+    norm: ActNorm = "sum",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 16,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Calibrate every (layer, head) alone on the task's calibration split and keep the heads that raise accuracy.
+
+    Example: `llmdrop act search smollm2-135m --task mc.jsonl --out heads.json`
+    """
+    from .act import search
+    from .report import console
+
+    r = search(model, task=_default_task(task), out=out, beta=beta, threshold=threshold, layers=layers,
+               max_heads=max_heads, greedy=greedy, split=split, seed=seed, norm=norm, batch_size=batch_size,
+               device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if json_out:
+        typer.echo(json.dumps(r, indent=2))
+    else:
+        console.print(f"calibration accuracy {r['baseline']:.3f} -> {r['calibrated']:.3f} with {len(r['heads'])} heads "
+                      f"{r['heads']}\nwrote {out}")
+
+
+@act_app.command("eval")
+@cli_errors
+def act_eval_cmd(
+    model: Model = None,
+    task: ActTask = None,
+    heads: Annotated[Optional[str], typer.Option(help="heads.json from `llmdrop act search`.", show_default=False)] = None,
+    split: ActSplit = 0.5,
+    seed: Seed = 0,
+    norm: ActNorm = "sum",
+    part: Annotated[str, typer.Option(help="heldout | calibration | all.")] = "heldout",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 16,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Held-out accuracy without and with the calibrated heads.
+
+    Example: `llmdrop act eval smollm2-135m --task mc.jsonl --heads heads.json`
+    """
+    from .act import evaluate
+    from .report import console
+
+    r = evaluate(model, task=_default_task(task), heads=heads, split=split, seed=seed, norm=norm, part=part,
+                 batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
+                 trust_remote_code=trust_remote_code)
+    if json_out:
+        typer.echo(json.dumps(r, indent=2))
+    elif heads:
+        console.print(f"{r['part']} accuracy ({r['items']} items): {r['baseline']:.3f} -> {r['calibrated']:.3f} "
+                      f"({r['gain']:+.3f}) with {len(r['heads'])} calibrated heads")
+    else:
+        console.print(f"{r['part']} accuracy ({r['items']} items): {r['baseline']:.3f}")
+
+
+@act_app.command("apply")
+@cli_errors
+def act_apply_cmd(
+    model: Model = None,
+    heads: Annotated[str, typer.Option(help="heads.json from `llmdrop act search`.", show_default=False)] = ...,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = ...,
+    attn_layers: Annotated[Optional[str], typer.Option("--attn-layers", help="Also drop these 0-based attention sublayers.")] = None,
+    mlp_layers: Annotated[Optional[str], typer.Option("--mlp-layers", help="Also drop these 0-based MLP sublayers.")] = None,
+    dtype: Annotated[str, typer.Option(help="Load and save dtype: auto | float32 | bfloat16 | float16.")] = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    debug: Debug = False,
+):
+    """Export MODEL (an llmdrop export keeps its drops) with the heads calibrated; loads with trust_remote_code=True.
+
+    Example: `llmdrop act apply smollm2-135m --heads heads.json -o smollm2-act`
+    """
+    from .act import apply
+    from .report import console
+
+    path = apply(model, heads=heads, out=out, attn_layers=attn_layers, mlp_layers=mlp_layers, dtype=dtype,
+                 overwrite=overwrite, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    console.print(f"wrote {path}")
+
+
 
 # ---- analysis: attnmap (attention maps with a logit lens) ----
+
+
+@app.command("attnmap")
+@cli_errors
+def attnmap_cmd(
+    model: Model = None,
+    prompt: Annotated[str, typer.Option(help="The prompt to generate from.", show_default=False)] = ...,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory (attn_{i}_{j}.png, attnmap.html).", show_default=False)] = ...,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template (one user turn).")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy generation steps (stops early at EOS).")] = 20,
+    fmt: Annotated[str, typer.Option("--format", help="png, html or png,html.")] = "png,html",
+    heads: Annotated[str, typer.Option(help="Reduce the heads of a layer: max, mean, or one 0-based head index.")] = "max",
+    window: Annotated[int, typer.Option(help="Tokens per PNG (and the viewer's initial width).")] = 32,
+    stride: Annotated[int, typer.Option(help="Shift between successive PNG windows of a step.")] = 5,
+    all_windows: Annotated[bool, typer.Option("--all-windows/--last-window", help="PNGs of every window of a step, or only the one ending at the query.")] = True,
+    top_k: Annotated[int, typer.Option("--top-k", help="Logit-lens tokens kept per layer and position (the viewer's hover).")] = 5,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    gguf_file: GgufFile = None,
+    trust_remote_code: TrustRemote = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json_out: Json = False,
+    debug: Debug = False,
+):
+    """Attention of every generated token to the previous ones, per layer, each cell labelled with the logit-lens token of that layer; PNGs and one self-contained HTML viewer.
+
+    Example: `llmdrop attnmap smollm2-135m --prompt "Alice and Bob are siblings. Who is Bob's sister?" --chat -o attn`
+    """
+    from .attnmaps import attnmap
+    from .report import console
+
+    result = attnmap(model, prompt=prompt, out=out, chat=chat, max_new_tokens=max_new_tokens, formats=fmt,
+                     heads=heads, window=window, stride=stride, all_windows=all_windows, top_k=top_k, device=device,
+                     dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code, overwrite=overwrite)
+    result.pop("capture")
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
+    say(f"generated {result['steps']} tokens after {result['prompt_tokens']} prompt tokens: {result['generated_text']!r}")
+    pngs = sum(f.endswith(".png") for f in result["files"])
+    say(f"wrote {pngs} PNGs{' and attnmap.html' if 'attnmap.html' in result['files'] else ''} to {result['out']}")
 
 
 if __name__ == "__main__":

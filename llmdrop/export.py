@@ -26,7 +26,7 @@ from .surgery import apply_plan
 
 FORMAT = "llmdrop.export/1"
 MODELING_DIR = Path(modeling.__file__).parent  # top-level modeling/, installed as llmdrop.modeling
-REMOTE_CODE_FILES = ("configuration_llmdrop.py", "modeling_llmdrop.py")
+REMOTE_CODE_FILES = ("configuration_llmdrop.py", "modeling_llmdrop.py", "attention_calibration.py")
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -89,7 +89,7 @@ def export(loaded: LoadedModel, plan: DropPlan, out, *, dtype: str = "auto", ove
 
     out = Path(out)
     check_output_dir(out, overwrite)
-    if plan.empty:
+    if plan.empty and not getattr(loaded.model.config, "attention_calibration", None):  # calibration: `act apply`
         raise LlmdropError("the drop plan is empty: nothing to export")
     record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
     model = loaded.model
