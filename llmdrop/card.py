@@ -116,20 +116,33 @@ def model_card(record: dict, *, base_model: str | None = None, repo_id: str | No
         f"tags:{_yaml_list(tags)}",
         "---",
         "",
-        f"# {name} with layers dropped by llmdrop",
-        "",
-        f"This checkpoint is {link} with redundant parts removed by "
-        "[llmdrop](https://github.com/llmdrop/llmdrop): the parts whose output barely changes the residual "
-        "stream (cosine similarity of the hidden states before and after them, on calibration text).",
-        "",
-        "| removed | source layers (0-based) |",
-        "|---|---|",
-        f"| whole blocks | {', '.join(map(str, plan['blocks'])) or '-'} |",
-        f"| attention sublayers | {', '.join(map(str, plan['attn'])) or '-'} |",
-        f"| MLP sublayers | {', '.join(map(str, plan['mlp'])) or '-'} |",
-        "",
-        f"Layers: {src['num_layers']} -> {exported['num_layers']}. Saved dtype: {exported['dtype']}.",
     ]
+    dropped = any(plan[k] for k in ("blocks", "attn", "mlp"))
+    if dropped:
+        lines += [
+            f"# {name} with layers dropped by llmdrop",
+            "",
+            f"This checkpoint is {link} with redundant parts removed by "
+            "[llmdrop](https://github.com/llmdrop/llmdrop): the parts whose output barely changes the residual "
+            "stream (cosine similarity of the hidden states before and after them, on calibration text).",
+            "",
+            "| removed | source layers (0-based) |",
+            "|---|---|",
+            f"| whole blocks | {', '.join(map(str, plan['blocks'])) or '-'} |",
+            f"| attention sublayers | {', '.join(map(str, plan['attn'])) or '-'} |",
+            f"| MLP sublayers | {', '.join(map(str, plan['mlp'])) or '-'} |",
+            "",
+        ]
+    else:  # `llmdrop act apply` on a model with nothing dropped
+        lines += [f"# {name} with attention calibration by llmdrop", "",
+                  f"This checkpoint is {link} with nothing removed.", ""]
+    act = record.get("attention_calibration")
+    if act:
+        heads = ", ".join(f"{l}.{h}" for l, h in act["heads"])
+        lines += [f"Attention-sink calibration (ACT, `llmdrop act apply`): in heads (layer.head) {heads}, attention "
+                  f"to sink tokens other than the first (mean attention > {act['threshold']}) is scaled by "
+                  f"{act['beta']}; `attention_calibration` in config.json, applied by the remote code.", ""]
+    lines += [f"Layers: {src['num_layers']} -> {exported['num_layers']}. Saved dtype: {exported['dtype']}."]
     calib = record.get("calibration")
     if calib:
         lines += ["", f"Calibration: `{calib.get('source')}`, {calib.get('samples')} x {calib.get('seq_len')} tokens, "

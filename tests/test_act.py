@@ -224,6 +224,10 @@ def test_export_equals_in_memory(tmp_path, arch, attn_layers):
     assert config["attention_calibration"] == {"heads": HEADS, "beta": BETA, "threshold": TAU}
     assert config["model_type"] == f"llmdrop_{arch}"
     assert (out / "attention_calibration.py").is_file()
+    card = (out / "README.md").read_text()
+    heads_text = ", ".join(f"{l}.{h}" for l, h in HEADS)
+    assert f"in heads (layer.head) {heads_text}," in card and f"scaled by {BETA}" in card
+    assert ("with layers dropped" in card) == bool(attn_layers)  # a calibration-only export drops nothing
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     impls = [layer.self_attn.config._attn_implementation for layer in model.model.layers if hasattr(layer.self_attn, "config")]
     assert impls.count(NAME) == 2
