@@ -135,6 +135,7 @@ def test_refuses_existing_out(tmp_path):
     (dict(method="rtn"), "unknown --method 'rtn'"),
     (dict(method="gptq", bits=3), "--bits 3 is not supported"),
     (dict(method="gptq", group_size=0), "--group-size must be"),
+    (dict(method="gptq", observer="minmse"), "unknown --observer 'minmse'"),
 ])
 def test_bad_arguments(kwargs, message, tmp_path):
     with pytest.raises(LlmdropError, match=message):
@@ -170,6 +171,8 @@ def test_remote_code_export_quantizes(method, quantized, sub_export):
     qr = record["quantization"]
     assert (qr["method"], qr["bits"], qr["group_size"]) == (method, 4, GROUP)
     assert qr["scheme"] == ("W4A16" if method == "gptq" else "W4A16_ASYM")
+    observer = "mse" if method == "gptq" else "minmax"  # --observer auto
+    assert qr["observer"] == observer and f"observer: memoryless_{observer}" in (out / "recipe.yaml").read_text()
     assert qr["calibration"]["samples"] == 8 and qr["calibration"]["seq_len"] == 32
     assert qr["versions"]["llmcompressor"] and qr["versions"]["compressed-tensors"]
     assert qr["quantized_modules"] == 7 * N - 4 - 3  # q,k,v,o,gate,up,down per layer, less the dropped ones
