@@ -12,9 +12,7 @@ part is never seen by ``search``.
 """
 
 import json
-import os
 import random
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .api import _load
+from .card import write_json
 from .errors import LlmdropError
 from .modeling.attention_calibration import (
     DEFAULT_BETA,
@@ -31,7 +31,7 @@ from .modeling.attention_calibration import (
     disable_attention_calibration,
     enable_attention_calibration,
 )
-from .models import LoadedModel, load_model
+from .models import LoadedModel
 
 FORMAT = "llmdrop.act/1"
 DEFAULT_TASK = Path(__file__).parent / "data" / "act_mc.jsonl"
@@ -194,14 +194,6 @@ class MultipleChoiceScorer:
 # ---------------------------------------------------------------- heads.json
 
 
-def _atomic_write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def load_heads(path) -> dict:
     """A heads.json: {"format", "beta", "threshold", "heads": [[layer, head], ...], ...}."""
     path = Path(path)
@@ -250,10 +242,6 @@ def enable(loaded: LoadedModel, heads, beta: float = DEFAULT_BETA, threshold: fl
 
 
 # ---------------------------------------------------------------- verbs
-
-
-def _load(model, loaded, **kw) -> LoadedModel:
-    return loaded if loaded is not None else load_model(model, **kw)
 
 
 def _task_record(task, split: float, seed: int, norm: str) -> dict:
@@ -306,7 +294,7 @@ def search(model: str | None = None, *, task=DEFAULT_TASK, out, beta: float = DE
         record["per_head"][f"{layer},{head}"] = {"accuracy": acc, "gain": acc - base_acc}
         bar.set_postfix(layer=layer, head=head, gain=f"{acc - base_acc:+.3f}")
         record["heads"] = _best_heads(record["per_head"], max_heads)
-        _atomic_write_json(out, record)
+        write_json(record, out)
     scorer.recorded = None
     record["heads"] = _best_heads(record["per_head"], max_heads)
     record.pop("greedy", None)
@@ -317,7 +305,7 @@ def search(model: str | None = None, *, task=DEFAULT_TASK, out, beta: float = DE
             record["calibrated"] = scorer.accuracy(loaded.model)[0]
     else:
         record["calibrated"] = base_acc
-    _atomic_write_json(out, record)
+    write_json(record, out)
     return record
 
 

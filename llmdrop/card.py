@@ -206,6 +206,12 @@ def atomic_write_text(path, text: str) -> None:
         raise
 
 
+def write_json(data, path) -> None:
+    """``data`` as indented JSON, atomically (``atomic_write_text``), creating the parent folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
 def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))

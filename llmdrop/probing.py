@@ -22,16 +22,17 @@ import json
 import os
 import random
 import re
-import tempfile
 import unicodedata
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from .api import _load
+from .card import write_json
 from .errors import LlmdropError
 from .manipulate import KINDS, PREVIOUS_TOKEN_KINDS, Manipulation, capture_layer_inputs, last_logits
-from .models import LoadedModel, load_model
+from .models import LoadedModel
 from .plan import parse_layers
 
 PROBE_FORMAT = "llmdrop.probe/1"
@@ -215,10 +216,6 @@ def encode(tokenizer, prompt: str, answers: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------------ probe
 
 
-def _load(model, loaded, **kwargs) -> LoadedModel:
-    return loaded if loaded is not None else load_model(model, **kwargs)
-
-
 def _kinds(manipulation: str | list[str]) -> list[str]:
     kinds = list(PREVIOUS_TOKEN_KINDS) if manipulation == "all" else (
         [k.strip() for k in manipulation.split(",")] if isinstance(manipulation, str) else list(manipulation))
@@ -240,17 +237,6 @@ def _layers(layers, n: int) -> list[int]:
         return list(range(n))
     text = ",".join(map(str, layers)) if isinstance(layers, (list, tuple)) else layers
     return parse_layers(text, n)
-
-
-def write_json(data: dict, path) -> None:
-    """Atomically: a temporary sibling renamed over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def probe(
