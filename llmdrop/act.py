@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .api import _load
-from .card import write_json
+from .files import write_json
 from .errors import LlmdropError
 from .modeling.attention_calibration import (
     DEFAULT_BETA,
@@ -366,11 +366,12 @@ def apply(model: str | None = None, *, heads: str, out, beta: float | None = Non
     code); attention / MLP sublayers in ``attn_layers`` / ``mlp_layers`` are dropped too. A MODEL that is an
     llmdrop export keeps its drops. Layer numbers are MODEL's."""
     from .api import _as_layers
-    from .export import check_output_dir, export
+    from .export import export
+    from .files import check_output_dir
     from .plan import DropPlan
 
     spec = load_heads(heads)
-    check_output_dir(Path(out), overwrite)
+    check_output_dir(out, overwrite, inputs=[model, heads])
     beta = spec["beta"] if beta is None else beta
     threshold = spec["threshold"] if threshold is None else threshold
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)

@@ -1,39 +1,36 @@
 """Write a DropPlan applied to a model as a checkpoint directory that loads with transformers.
 
-Only whole blocks dropped -> a vanilla checkpoint (same architecture, fewer layers, no custom code).
-Any attention / MLP sublayer dropped -> the base architecture with remote code from ``modeling/``
-(a distinct model_type, ``auto_map``, the drop lists in config.json, dropped weights absent).
-Every export also carries the tokenizer, generation_config.json, llmdrop.json and a model card.
+The checkpoint format is an exporter from ``exporters.py`` (``--format auto`` picks the first that can hold the
+plan: vanilla for whole blocks only, else llmdrop's remote-code format). This module does what every format
+shares: the provenance record ``llmdrop.json``, the model card, the tokenizer and generation config, the
+atomic folder (``files.atomic_dir``) and the final check that the checkpoint reloads with no tensor missing or
+unused.
 
-The model is transformed in place and saved from there, so only one copy is ever in memory. Files go
-to a temporary sibling directory that is renamed at the end: an interrupted export leaves nothing.
+The model is transformed in place and saved from there, so only one copy is ever in memory.
 """
 
 import json
+import logging
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import __version__, modeling
+from . import __version__
 from .errors import LlmdropError
-from .modeling.modeling_llmdrop import MODEL_CLASSES
+from .exporters import choose_exporter
+from .files import atomic_dir, check_output_dir
 from .models import LoadedModel, resolve_dtype
 from .plan import DropPlan
-from .surgery import apply_plan
 
 FORMAT = "llmdrop.export/1"
-MODELING_DIR = Path(modeling.__file__).parent  # top-level modeling/, installed as llmdrop.modeling
-REMOTE_CODE_FILES = ("configuration_llmdrop.py", "modeling_llmdrop.py", "attention_calibration.py")
+# Keys transformers writes into tokenizer_config.json about how *this* machine fetched the files (e.g. offline):
+# meaningless, or harmful (``local_files_only``), for whoever loads the checkpoint elsewhere.
+_LOADING_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download", "token", "use_auth_token", "proxies",
+                 "revision", "subfolder", "_commit_hash")
 
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LlmdropError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise LlmdropError(f"{out} exists and is not a directory")
+__all__ = ["FORMAT", "check_output_dir", "export", "provenance", "versions"]
 
 
 def versions() -> dict:
@@ -49,19 +46,6 @@ def _strip_gguf_quantization(model) -> None:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     model.is_quantized = False
-
-
-def _write_remote_code(tmp: Path, config_path: Path, model_type: str) -> None:
-    model_cls = MODEL_CLASSES[model_type]
-    for name in REMOTE_CODE_FILES:
-        shutil.copy(MODELING_DIR / name, tmp / name)
-    config = json.loads(config_path.read_text())
-    config["architectures"] = [model_cls.__name__]
-    config["auto_map"] = {
-        "AutoConfig": f"configuration_llmdrop.{model_cls.config_class.__name__}",
-        "AutoModelForCausalLM": f"modeling_llmdrop.{model_cls.__name__}",
-    }
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def provenance(loaded: LoadedModel, plan: DropPlan, *, scores=None, calibration=None, extra=None) -> dict:
@@ -82,57 +66,73 @@ def provenance(loaded: LoadedModel, plan: DropPlan, *, scores=None, calibration=
     }
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if any(k in config for k in _LOADING_KEYS):
+            cleaned = {k: v for k, v in config.items() if k not in _LOADING_KEYS}
+            path.write_text(json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_reload(folder: Path, model_class) -> None:
+    """Refuse a checkpoint whose reload would leave a weight randomly initialised or a tensor unused (built on
+    the meta device: only names and shapes are compared, no weight is read)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the loading report is ours to give
+    try:
+        logging.disable(logging.WARNING)
+        _, info = model_class.from_pretrained(folder, device_map="meta", output_loading_info=True)
+    finally:
+        logging.disable(logging.NOTSET)
+        hf_logging.set_verbosity(level)
+    for kind, what in (("missing_keys", "would load without"), ("unexpected_keys", "holds an unused tensor"),
+                       ("mismatched_keys", "holds a tensor of the wrong shape:")):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise LlmdropError(f"export refused: the checkpoint {what} {keys[0]}{more}; nothing was written "
+                               "(please report this as an llmdrop bug)")
+
+
 def export(loaded: LoadedModel, plan: DropPlan, out, *, dtype: str = "auto", overwrite: bool = False,
-           scores=None, calibration=None, base_model: str | None = None, extra: dict | None = None) -> Path:
-    """Apply ``plan`` to ``loaded.model`` (in place: the model is consumed) and save it to ``out``."""
+           fmt: str = "auto", scores=None, calibration=None, base_model: str | None = None,
+           extra: dict | None = None) -> Path:
+    """Apply ``plan`` to ``loaded.model`` (in place: the model is consumed) and save it to ``out`` in format
+    ``fmt`` (auto | a name of ``exporters.EXPORTERS``)."""
     from .card import model_card
 
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    if plan.empty and not getattr(loaded.model.config, "attention_calibration", None):  # calibration: `act apply`
-        raise LlmdropError("the drop plan is empty: nothing to export")
-    record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
+    out = check_output_dir(out, overwrite, inputs=[loaded.path])
     model = loaded.model
-    apply_plan(model, loaded.adapter, plan)
+    if plan.empty and not getattr(model.config, "attention_calibration", None):  # calibration: `act apply`
+        raise LlmdropError("the drop plan is empty: nothing to export")
+    if plan.num_layers != model.config.num_hidden_layers:
+        raise LlmdropError(f"the plan is for {plan.num_layers} layers, the model has {model.config.num_hidden_layers}")
+    exporter, passed_over = choose_exporter(fmt, model, loaded.adapter, plan)
+    record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
+    exporter.apply(model, loaded.adapter, plan)
     # What the checkpoint really holds: a source that is an export already brings its own drops along.
-    record["exported"].update(drop_attn_list=list(getattr(model.config, "drop_attn_list", None) or []),
+    record["exported"].update(format=exporter.name,
+                              drop_attn_list=list(getattr(model.config, "drop_attn_list", None) or []),
                               drop_mlp_list=list(getattr(model.config, "drop_mlp_list", None) or []),
-                              remote_code=hasattr(model.config, "llmdrop_sublayers"))
+                              remote_code=exporter.name != "vanilla")
+    if passed_over:
+        record["exported"]["format_reason"] = passed_over
     _strip_gguf_quantization(model)
     target = resolve_dtype(dtype)
     if target != "auto":
         model.to(target)
     record["exported"]["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.llmdrop-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted export
-    try:
-        model.save_pretrained(tmp)
-        if record["exported"]["remote_code"]:
-            _write_remote_code(tmp, tmp / "config.json", loaded.adapter.model_type)
-        loaded.tokenizer.save_pretrained(tmp)
+    with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
+        exporter.save(model, loaded.adapter, tmp)
+        save_tokenizer(loaded.tokenizer, tmp)
         if not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
         (tmp / "llmdrop.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record, base_model=base_model))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_reload(tmp, exporter.model_class(json.loads((tmp / "config.json").read_text())))
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp -> out; an existing out is moved aside first and removed only once tmp is in place."""
-    old = out.parent / f".{out.name}.llmdrop-old"
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old.exists() and not out.exists():
-            old.rename(out)  # put the user's directory back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from . import __version__
-from .card import CARD_FILE, atomic_write_text, refresh_card
+from .card import CARD_FILE, refresh_card
+from .files import atomic_write_text
 from .errors import LlmdropError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"

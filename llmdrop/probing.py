@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .api import _load
-from .card import write_json
+from .files import write_json
 from .errors import LlmdropError
 from .manipulate import KINDS, PREVIOUS_TOKEN_KINDS, Manipulation, capture_layer_inputs, last_logits
 from .models import LoadedModel

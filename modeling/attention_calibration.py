@@ -1,7 +1,9 @@
 """Attention calibration (ACT, Yu et al. 2024): scale down the attention that chosen heads pay to sinks.
 
-Copied into checkpoints exported by ``llmdrop act apply`` and used by llmdrop itself in memory, so that
-an export computes exactly what llmdrop measured. Needs only torch and transformers: never import llmdrop.
+Copied into checkpoints exported by ``llmdrop act apply`` (whose ``auto_map`` names the model classes at the
+end of this file) and used by llmdrop itself in memory, so that an export computes exactly what llmdrop
+measured. Needs only torch and transformers: never import llmdrop. Exports without calibration do not
+carry this file.
 
 For a calibrated head and query i (post-softmax attention A, keys j):
 
@@ -25,6 +27,8 @@ import copy
 
 import torch
 from transformers import AttentionInterface
+
+from .modeling_llmdrop import MODEL_CLASSES
 
 NAME = "llmdrop_act"
 DEFAULT_BETA = 0.4
@@ -193,3 +197,17 @@ def apply_config_calibration(model, config) -> None:
     sublayers = getattr(config, "llmdrop_sublayers", None) or {"layers": "model.layers", "attn": ["self_attn"]}
     enable_attention_calibration(model, spec["heads"], spec.get("beta", DEFAULT_BETA),
                                  spec.get("threshold", DEFAULT_THRESHOLD), sublayers["layers"], sublayers["attn"][0])
+
+
+class CalibratedAttentionMixin:
+    def __init__(self, config):
+        super().__init__(config)
+        apply_config_calibration(self, config)
+
+
+# base model_type -> the export's model class plus calibration; same class names as modeling_llmdrop's.
+CALIBRATED_MODEL_CLASSES = {
+    base: type(cls.__name__, (CalibratedAttentionMixin, cls), {"__module__": __name__})
+    for base, cls in MODEL_CLASSES.items()
+}
+globals().update({cls.__name__: cls for cls in CALIBRATED_MODEL_CLASSES.values()})

@@ -101,3 +101,27 @@ CONFIG_CLASSES = {
         LlmdropPhi3Config,
     )
 }
+
+
+def _register_weight_conversions():
+    """Load (and save) an export's weights in the layout its base architecture uses on the Hub.
+
+    transformers 5 converts the checkpoint layout of some architectures on load (Mixtral: the per-expert
+    ``block_sparse_moe.experts.N.w1/w2/w3`` become fused ``mlp.experts.gate_up_proj/down_proj``) and converts
+    back on save, looked up by ``model_type``; custom code gets no conversion unless one is registered for it.
+    Without this, such an export would load with randomly initialised experts.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # a transformers without conversions keeps the runtime layout on disk
+        return
+    for base, cls in CONFIG_CLASSES.items():
+        mapping = get_checkpoint_conversion_mapping(base)
+        if mapping and get_checkpoint_conversion_mapping(cls.model_type) is None:
+            register_checkpoint_conversion_mapping(cls.model_type, mapping)
+
+
+_register_weight_conversions()

@@ -19,7 +19,6 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from .attention_calibration import apply_config_calibration
 from .configuration_llmdrop import (
     LlmdropGemma2Config,
     LlmdropGemma3TextConfig,
@@ -72,7 +71,6 @@ class DroppedSublayersMixin:
     def __init__(self, config):
         super().__init__(config)
         apply_dropped_sublayers(self, config)
-        apply_config_calibration(self, config)  # `llmdrop act apply`: calibrated attention heads, if any
 
 
 class LlmdropLlamaForCausalLM(DroppedSublayersMixin, LlamaForCausalLM):

@@ -5,6 +5,8 @@ sublayers and make the dropped blocks return their input (tests/tiny_models.py, 
 """
 
 import json
+import os
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -14,10 +16,10 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from llmdrop.arch import adapter_for
 from llmdrop.errors import LlmdropError
-from llmdrop.export import FORMAT, REMOTE_CODE_FILES, export
-from llmdrop.models import LoadedModel, load_model
+from llmdrop.export import FORMAT, export
+from llmdrop.exporters import DROP_CODE_FILES
+from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
 
 from tiny_models import (ARCHS, FIRST_WORD_ID, SUBLAYER_MODULES, VOCAB_SIZE, identity_hooks, tiny_model,
@@ -30,6 +32,12 @@ BLOCK_PLAN = dict(blocks=[0, 4])
 SLIDING_ARCHS = ["mistral", "qwen2", "gemma2", "gemma3_text"]
 
 
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def token_ids(batch=2, length=14, seed=0):
     return torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -37,9 +45,21 @@ def token_ids(batch=2, length=14, seed=0):
 IDS = token_ids()
 
 
+@cache
+def source_dir(arch) -> Path:
+    """The tiny model saved to disk: exports start from a checkpoint on disk, as users' do (transformers writes
+    some architectures, Mixtral, in another layout than the one it runs)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"llmdrop-src-{arch}-"))
+    tiny_model(arch, N).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def loaded(arch):
-    model = tiny_model(arch, N)
-    return LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "tiny", "tiny")
+    model = load_model(str(source_dir(arch)), device="cpu")
+    # transformers 5 reloads a word-level tokenizer saved beside a Qwen2 config as a (broken) Qwen2Tokenizer
+    model.tokenizer = tiny_tokenizer()
+    return model
 
 
 @cache
@@ -55,7 +75,10 @@ def plan_reference(arch, plan):
 
 
 def load(out, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(out, **kwargs).eval()
+    """Reload an export as a user would; every weight must come from the checkpoint and every tensor be used."""
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **kwargs)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
 
 
 @torch.no_grad()
@@ -173,6 +196,32 @@ def test_eager_and_sdpa_agree(sub_export):
     torch.testing.assert_close(logits(eager), logits(sdpa), atol=1e-4, rtol=0)
 
 
+SUBLAYER_ONLY_PLAN = dict(blocks=[], attn=[1, 5], mlp=[0, 2])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sublayer_only_export_reloads_every_tensor(arch, tmp_path):
+    out = export(loaded(arch), DropPlan(N, **SUBLAYER_ONLY_PLAN), tmp_path / "out")
+    check_tensors(out, arch, SUBLAYER_ONLY_PLAN)
+    model = load(out, trust_remote_code=True)  # asserts no missing / unexpected tensor
+    torch.testing.assert_close(logits(model), plan_reference(arch, SUBLAYER_ONLY_PLAN), atol=1e-5, rtol=0)
+
+
+def test_export_refuses_a_checkpoint_that_would_reload_with_random_weights(tmp_path, monkeypatch):
+    """Without the Mixtral layout conversion for llmdrop_mixtral, the reload would miss the fused experts: the export
+    must say so and write nothing (the defect that once shipped random experts silently)."""
+    from transformers import conversion_mapping
+
+    conversion_mapping.get_checkpoint_conversion_mapping("mixtral")  # builds the cache
+    cache = dict(conversion_mapping._checkpoint_conversion_mapping_cache)
+    del cache["llmdrop_mixtral"]
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", cache)
+    with pytest.raises(LlmdropError, match=r"export refused: the checkpoint would load without "
+                                           r"model\.layers\.0\.mlp\.experts\.down_proj \(and \d+ more\)"):
+        export(loaded("mixtral"), DropPlan(N, **SUBLAYER_PLAN), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- 5. sizes and tensor names
 
 
@@ -218,9 +267,20 @@ def by_layer(tensors):
     return groups
 
 
+def check_tensors(out, arch, plan):
+    """The checkpoint holds exactly the kept weights; Mixtral's in the Hub layout (unfused experts), which
+    transformers converts on load, so those are compared per layer."""
+    saved, expected = saved_tensors(out), expected_tensors(arch, plan)
+    if arch == "mixtral":
+        assert any(name.endswith("block_sparse_moe.experts.0.w1.weight") for name in saved)
+        assert by_layer(saved) == by_layer(expected)
+    else:
+        assert saved == expected
+
+
 def test_sublayer_export_size(sub_export):
     arch, out = sub_export
-    assert saved_tensors(out) == expected_tensors(arch, SUBLAYER_PLAN)
+    check_tensors(out, arch, SUBLAYER_PLAN)
 
 
 # --------------------------------------------------------------------------- 6. vanilla block export
@@ -240,8 +300,7 @@ def test_block_export_is_vanilla(arch, tmp_path):
     if arch in SLIDING_ARCHS:
         assert config["sliding_window"] == source_config.sliding_window
         assert arch == "mistral" or len(set(config["layer_types"])) == 2  # still mixes sliding and full
-    # transformers saves vanilla Mixtral experts unfused, in the original checkpoint layout: compare per layer
-    assert by_layer(saved_tensors(out)) == by_layer(expected_tensors(arch, BLOCK_PLAN))
+    check_tensors(out, arch, BLOCK_PLAN)
     model = load(out)  # no trust_remote_code
     assert type(model) is type(tiny_model(arch, 1))
     torch.testing.assert_close(logits(model), plan_reference(arch, BLOCK_PLAN), atol=1e-5, rtol=0)
@@ -267,7 +326,7 @@ def test_reexport_keeps_earlier_drops(sub_export, second, tmp_path):
     attn, mlp = ([kept.index(i) for i in total[k]] for k in ("attn", "mlp"))
     config = json.loads((out2 / "config.json").read_text())
     assert (config["model_type"], config["drop_attn_list"], config["drop_mlp_list"]) == (f"llmdrop_{arch}", attn, mlp)
-    assert saved_tensors(out2) == expected_tensors(arch, total)
+    check_tensors(out2, arch, total)
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     model = load(out2, trust_remote_code=True)
     torch.testing.assert_close(logits(model), plan_reference(arch, total), atol=1e-5, rtol=0)
@@ -296,7 +355,10 @@ def test_sublayer_export_needs_trust_remote_code(sub_export, trust):
 def test_export_dir_contents(sub_export):
     arch, out = sub_export
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "llmdrop.json", "README.md", *REMOTE_CODE_FILES} <= {p.name for p in out.iterdir()}
+            "llmdrop.json", "README.md", *DROP_CODE_FILES} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("attention_calibration*"))  # a drop-only export ships only the drop code
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~current_umask())}
+    assert not {"local_files_only", "is_local"} & json.loads((out / "tokenizer_config.json").read_text()).keys()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("w0 w5 w127")["input_ids"] == tiny_tokenizer()("w0 w5 w127")["input_ids"] == [4, 9, 131]
@@ -313,7 +375,7 @@ def test_export_dir_contents(sub_export):
     card = (out / "README.md").read_text()
     assert card.startswith("---\n")
     meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta["base_model"] == "tiny" and meta["library_name"] == "transformers"
+    assert "base_model" not in meta and meta["library_name"] == "transformers"  # a local folder is no Hub id
     assert {"llmdrop", "custom_code"} <= set(meta["tags"])
 
 
@@ -356,7 +418,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, existing, fa
         rename = Path.rename
 
         def boom(self, target):
-            if self.name.endswith("tmp"):  # the finished temporary directory
+            if ".llmdrop-tmp-" in self.name:  # the finished temporary directory
                 raise RuntimeError("disk full")
             return rename(self, target)
 
