@@ -72,6 +72,17 @@ class DroppedSublayersMixin:
         super().__init__(config)
         apply_dropped_sublayers(self, config)
 
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        # transformers records one attention map per attention module that ran; give one entry per layer, like
+        # hidden_states, with None where the attention is dropped, so that attentions[i] is layer i's.
+        attentions = getattr(out, "attentions", None)
+        dropped = set(getattr(self.config, "drop_attn_list", None) or ())
+        if attentions is not None and dropped and len(attentions) == self.config.num_hidden_layers - len(dropped):
+            kept = iter(attentions)
+            out.attentions = tuple(None if i in dropped else next(kept) for i in range(self.config.num_hidden_layers))
+        return out
+
 
 class LlmdropLlamaForCausalLM(DroppedSublayersMixin, LlamaForCausalLM):
     config_class = LlmdropLlamaConfig

@@ -187,6 +187,12 @@ def test_eager_and_sdpa_agree(sub_export):
     eager = load(out, trust_remote_code=True, attn_implementation="eager")
     with torch.no_grad():
         assert len(eager(IDS, use_cache=False, output_hidden_states=True).hidden_states) == 5 + 1
+        attentions = eager(IDS, use_cache=False, output_attentions=True).attentions
+    # one entry per exported layer, as for hidden_states: attentions[i] is layer i's, None where it was dropped
+    assert [a is None for a in attentions] == [i in (0, 3) for i in range(5)]
+    for a in (attentions[i] for i in (1, 2, 4)):
+        assert a.shape == (2, 4, IDS.shape[1], IDS.shape[1])
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
     if not type(tiny_model(arch, 1))._supports_sdpa:  # Gemma 2 (softcapping): the base class refuses sdpa too
         with pytest.raises(ValueError, match="scaled_dot_product_attention"):
             load(out, trust_remote_code=True, attn_implementation="sdpa")
