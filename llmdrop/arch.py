@@ -3,9 +3,15 @@
 Dropping a sublayer means replacing its module *and the norms that belong to it* by modules that add
 nothing to the residual stream, so the adapter names those norms. Llama-style layers have one
 pre-norm per sublayer; Gemma-2/3 have a "sandwich" (a norm before and after each sublayer).
+
+The adapter also declares the residual layout it assumes (``sequential``: attention's residual add, then the
+MLP's), because scoring reads the stream between the two adds. A layer that runs attention and MLP in
+parallel on the same input has no such point; such a model is refused instead of being scored 0.
 """
 
 from dataclasses import dataclass
+
+import torch
 
 from .errors import LlmdropError
 
@@ -19,6 +25,7 @@ class Adapter:
     attn: tuple[str, ...] = ("self_attn", "input_layernorm")  # the sublayer first, then its norms
     mlp: tuple[str, ...] = ("mlp", "post_attention_layernorm")
     final_norm: str = "model.norm"
+    layout: str = "sequential pre-norm"  # or "sequential sandwich" (a norm before and after each sublayer)
 
     @property
     def mlp_input_norm(self) -> str:
@@ -28,14 +35,40 @@ class Adapter:
     def layer_list(self, model):
         return model.get_submodule(self.layers)
 
+    def check_layout(self, model) -> None:
+        """Refuse a model whose layers do not have the sequential residual layout this adapter measures."""
+        config = model.config
+        parallel = [k for k in _PARALLEL_FLAGS if getattr(config, k, False)]
+        if parallel:
+            raise LlmdropError(f"{config.model_type} with {parallel[0]}=True runs attention and MLP in parallel; llmdrop "
+                               f"measures each sublayer between two residual adds ({self.layout}) and cannot score it")
+        layer = self.layer_list(model)[0]
+        for name in (*self.attn, *self.mlp):
+            if not hasattr(layer, name):
+                raise LlmdropError(f"{config.model_type} layers have no `{name}` module: not the {self.layout} layout "
+                                   f"llmdrop's {self.model_type} adapter expects")
+
+    def logits(self, model, hidden, *, final_norm: bool = True):
+        """The model's next-token logits from a residual-stream state (the final norm unless ``final_norm=False``,
+        the LM head, and Gemma's soft-capping): the one place llmdrop computes logits from hidden states."""
+        if final_norm:
+            hidden = model.get_submodule(self.final_norm)(hidden)
+        logits = model.get_output_embeddings()(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
     def sublayers_spec(self) -> dict:
         """What an export's config.json stores so that the remote code can find the sublayers."""
         return {"layers": self.layers, "attn": list(self.attn), "mlp": list(self.mlp)}
 
 
+# config flags of architectures that run attention and MLP side by side on the same input
+_PARALLEL_FLAGS = ("parallel_attn", "use_parallel_residual", "parallel_residual", "parallel_block")
+
 _SANDWICH = {
     "attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),
     "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+    "layout": "sequential sandwich",
 }
 
 ADAPTERS = {

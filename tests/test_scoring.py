@@ -84,3 +84,28 @@ def test_scores_file_round_trip_and_keys(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(LlmdropError, match="is not a llmdrop scores file"):
         Scores.load(tmp_path / "bad.json")
+
+
+def test_a_layout_the_adapter_cannot_measure_is_refused(tiny_llama):
+    """Parallel attention + MLP has no residual state between the two sublayers: refuse rather than score 0."""
+    adapter = adapter_for(tiny_llama.config)
+    ids = torch.randint(3, 30, (1, 8))
+    tiny_llama.config.use_parallel_residual = True
+    with pytest.raises(LlmdropError, match=r"^llama with use_parallel_residual=True runs attention and MLP in "
+                                           r"parallel; llmdrop measures each sublayer between two residual adds"):
+        compute_importance(tiny_llama, adapter, ids, progress=False)
+    tiny_llama.config.use_parallel_residual = False
+    del tiny_llama.model.layers[0].post_attention_layernorm
+    with pytest.raises(LlmdropError, match=r"^llama layers have no `post_attention_layernorm` module: not the "
+                                           r"sequential pre-norm layout"):
+        compute_importance(tiny_llama, adapter, ids, progress=False)
+
+
+def test_logits_from_hidden_states_match_the_model(tiny_llama):
+    ids = torch.randint(3, 30, (2, 8))
+    adapter = adapter_for(tiny_llama.config)
+    with torch.no_grad():
+        out = tiny_llama(ids, output_hidden_states=True)
+        normed = out.hidden_states[-1]  # transformers gives the last state after the final norm
+        torch.testing.assert_close(adapter.logits(tiny_llama, normed, final_norm=False), out.logits, atol=1e-6, rtol=0)
+        assert not torch.allclose(adapter.logits(tiny_llama, normed), out.logits, atol=1e-3)  # normed twice: differs
