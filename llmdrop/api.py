@@ -5,7 +5,8 @@ from pathlib import Path
 from .data import calibration_blocks, blocks_from_texts, load_texts
 from .errors import LlmdropError
 from .export import check_output_dir, export
-from .models import LoadedModel, load_model
+from .files import check_writable_parent
+from .models import DEFAULT_MODEL, LoadedModel, load_model, source_identity, source_num_layers
 from .plan import DropPlan, parse_layers, select
 from .scoring import Scores, compute_importance
 from .surgery import drop_sublayers
@@ -27,7 +28,15 @@ def _as_layers(value, num_layers: int) -> list[int]:
 
 def calibration_defaults(calib: str, samples: int | None, seq_len: int | None) -> tuple[int, int]:
     d_samples, d_len = DEFAULT_CALIBRATION["self" if calib == "self" else "text"]
-    return samples or d_samples, seq_len or d_len
+    return (d_samples if samples is None else samples), (d_len if seq_len is None else seq_len)
+
+
+def check_sizes(*, samples=None, seq_len=None, batch_size=None) -> None:
+    """One clear line for an impossible size, before any model work (None: the default). A block of one token
+    predicts nothing, hence seq_len >= 2."""
+    for name, value, least in (("--samples", samples, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise LlmdropError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
 def score(
@@ -49,6 +58,10 @@ def score(
     progress: bool = True,
 ) -> Scores:
     """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant)."""
+    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    for path in (out, plot):
+        if path:
+            check_writable_parent(Path(path))
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     samples, seq_len = calibration_defaults(calib, samples, seq_len)
     blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, model=loaded.model)
@@ -95,6 +108,35 @@ def _iterative_plan(loaded: LoadedModel, blocks, *, attn: int, mlp: int, n_block
     return plan, steps, first
 
 
+def _check_scores_model(scores: Scores, where: str, model, gguf_file, loaded) -> None:
+    """Scores of another model (with as many layers) would silently pick the wrong parts: refuse unless they name
+    this model. Spellings of one model match: relative and absolute paths, the builtin alias and its .gguf file."""
+    recorded = source_identity(scores.model)
+    current = source_identity(loaded.path, loaded.gguf_file) if loaded else source_identity(model, gguf_file)
+    # a GGUF folder recorded without its --gguf-file: the folder has to match
+    if recorded == current or (recorded[1] is None and recorded[0] == current[0]):
+        return
+    name = loaded.source if loaded else model or DEFAULT_MODEL
+    raise LlmdropError(f"the scores{where} were computed on {scores.model!r}, not on {name!r}; score this model "
+                       "(leave out --scores), or pass --force-scores if it is the same model")
+
+
+def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None:
+    """What the layer count alone refuses: run before loading (when config.json tells n) and again before scoring."""
+    if scores is not None and scores.num_layers != n:
+        raise LlmdropError(f"the scores are for {scores.num_layers} layers but the model has {n}")
+    for value in lists:
+        _as_layers(value, n)
+    if skip_attention_from is not None:
+        from .manipulate import skip_attention_layers
+
+        skip_attention_layers(n, skip_attention_from)
+    if any(counts.values()):
+        # Selecting on equal importances makes every check (and message) of the real selection; explicit lists
+        # only narrow the choice further, which the real selection checks.
+        select({kind: [0.0] * n for kind in ("attn", "mlp", "block")}, **counts)
+
+
 def drop(
     model: str | None = None,
     out: str | None = None,
@@ -120,41 +162,55 @@ def drop(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    force_scores: bool = False,
     loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> tuple[Path, DropPlan]:
     """Choose what to drop (by score or explicitly) and export the result to ``out``.
 
     ``skip_attention_from=K`` drops the attention sublayers of layers K..L-1 (the "skip-attention" manipulation).
+    ``scores`` made for another model are refused unless ``force_scores``.
     """
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
     check_output_dir(Path(out), overwrite)  # fail before the slow part
-    for text in (attn_layers, mlp_layers, block_layers):
+    # Everything that needs no model is checked first: loading and scoring take minutes.
+    check_writable_parent(Path(out))
+    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    layer_args = (attn_layers, mlp_layers, block_layers)
+    for text in layer_args:
         if isinstance(text, str):
-            parse_layers(text)  # syntax errors before loading; ranges are checked once the model is known
+            parse_layers(text)  # syntax errors first; ranges need the layer count
+    counted = attn or mlp or blocks or joint
+    if skip_attention_from is not None and (counted or iterative):
+        raise LlmdropError("--skip-attention-from combines only with explicit layer lists, not with "
+                           "--attn/--mlp/--blocks/--joint counts or --iterative")
+    if iterative and (not counted or any(layer_args)):
+        raise LlmdropError("--iterative needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
+    if isinstance(scores, (str, Path)):
+        where = f" in {scores}"
+        scores = Scores.load(scores)
+    else:
+        where = ""
+    if scores is not None and not force_scores:
+        _check_scores_model(scores, where, model, gguf_file, loaded)
+    counts = dict(attn=attn, mlp=mlp, blocks=blocks, joint=joint)
+    known = loaded.num_layers if loaded is not None else source_num_layers(model, gguf_file)
+    if known:
+        _check_request(known, scores, layer_args, skip_attention_from, **counts)
     loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     n = loaded.num_layers
+    _check_request(n, scores, layer_args, skip_attention_from, **counts)  # GGUF and Hub sources: now, before scoring
     lists = {k: _as_layers(v, n) for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers),
                                              ("block_layers", block_layers))}
-    counted = attn or mlp or blocks or joint
     extra = {}
     if skip_attention_from is not None:
         # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
-        if counted or iterative:
-            raise LlmdropError("--skip-attention-from combines only with explicit layer lists, not with "
-                               "--attn/--mlp/--blocks/--joint counts or --iterative")
         from .manipulate import skip_attention_layers
 
         lists["attn_layers"] = sorted(set(lists["attn_layers"]) | set(skip_attention_layers(n, skip_attention_from)))
         extra["skip_attention_from"] = skip_attention_from
-    if isinstance(scores, (str, Path)):
-        scores = Scores.load(scores)
-    if scores is not None and scores.num_layers != n:
-        raise LlmdropError(f"the scores are for {scores.num_layers} layers but the model has {n}")
     if iterative:
-        if not counted or any(lists.values()):
-            raise LlmdropError("--iterative needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
         samples, seq_len = calibration_defaults(calib, samples, seq_len)
         calib_blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                                           model=loaded.model)
@@ -200,12 +256,17 @@ def evaluate(
     """
     from .evaluation import perplexity
 
+    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
     if save and not (model and Path(model).expanduser().is_dir()):
         raise LlmdropError(f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
                            f"(got {model or 'the builtin default model'!r})")
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    if save:
+        check_writable_parent(Path(model).expanduser() / "eval_results.json")
     text_path = text or DEFAULT_EVAL_TEXT
-    blocks = blocks_from_texts(load_texts(text_path), loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    texts = load_texts(text_path)  # a bad text file fails before the model loads
+    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    blocks = blocks_from_texts(texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
+                               purpose="evaluation")
     result = {"model": loaded.source, "text": str(text_path),
               **perplexity(loaded.model, blocks, batch_size=batch_size, progress=progress)}
     if save:

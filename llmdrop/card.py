@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import LlmdropError
+from .files import atomic_write_text, write_json
 from .models import BUILTIN_BASE_MODELS
 
 RECORD_FILE = "llmdrop.json"
@@ -189,29 +190,6 @@ def model_card(record: dict, *, base_model: str | None = None, repo_id: str | No
 # ------------------------------------------------------------------------------------------- folder files
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers see the old or the new file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".llmdrop-tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        else:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(data, path) -> None:
-    """``data`` as indented JSON, atomically (``atomic_write_text``), creating the parent folder."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -251,7 +229,7 @@ def save_eval_result(folder, result: dict) -> Path:
     else:
         results.append(result)
     path = folder / EVAL_RESULTS_FILE
-    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    write_json(results, path)
     return path
 
 

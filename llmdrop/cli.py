@@ -120,6 +120,7 @@ def drop_cmd(
     mlp_layers: Annotated[Optional[str], typer.Option("--mlp-layers", help="Explicit 0-based MLP layers.")] = None,
     block_layers: Annotated[Optional[str], typer.Option("--block-layers", help="Explicit 0-based blocks.")] = None,
     scores: Annotated[Optional[str], typer.Option(help="Reuse a scores JSON from `llmdrop score` instead of scoring.")] = None,
+    force_scores: Annotated[bool, typer.Option("--force-scores", help="Use --scores even if they record another model (e.g. the same checkpoint moved).")] = False,
     iterative: Annotated[bool, typer.Option(help="Re-score after every single drop (in process).")] = False,
     skip_attention_from: Annotated[Optional[int], typer.Option("--skip-attention-from", help="Drop attention in layers K..L-1 (as `llmdrop probe --manipulation skip-attention` at K).", show_default=False)] = None,
     calib: Calib = "self",
@@ -144,7 +145,8 @@ def drop_cmd(
     from .report import console
 
     path, plan = api.drop(model, out, attn=attn, mlp=mlp, blocks=blocks, joint=joint, attn_layers=attn_layers,
-                          mlp_layers=mlp_layers, block_layers=block_layers, scores=scores, iterative=iterative,
+                          mlp_layers=mlp_layers, block_layers=block_layers, scores=scores, force_scores=force_scores,
+                          iterative=iterative,
                           skip_attention_from=skip_attention_from,
                           calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
                           batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,

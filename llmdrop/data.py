@@ -1,8 +1,9 @@
 """Calibration and evaluation text, turned into token blocks ``[samples, seq_len]``.
 
-Sources: ``"self"`` (text sampled from the model itself, the offline default), a file or a
-directory of ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files, or ``"hf:NAME[:CONFIG][:SPLIT]"``
-(a Hugging Face dataset, through the optional ``datasets`` package). Every random choice is seeded.
+Sources: ``"self"`` (text sampled from the model itself, the offline default), a file (``.jsonl`` / ``.json`` /
+``.parquet``, anything else is read as UTF-8 text) or a directory of ``.txt`` / ``.jsonl`` / ``.json`` /
+``.parquet`` files, or ``"hf:NAME[:CONFIG][:SPLIT]"`` (a Hugging Face dataset, through the optional ``datasets``
+package). Every random choice is seeded.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def calibration_blocks(
 
 
 def load_texts(path) -> list[str]:
-    """The texts in a .txt/.jsonl/.json/.parquet file, or in all such files under a directory."""
+    """The texts in a file (.jsonl/.json/.parquet by their format, any other file as plain UTF-8 text, e.g.
+    LICENSE), or in all .txt/.jsonl/.json/.parquet files under a directory. A directory's other files are skipped:
+    folders hold READMEs, licences and binaries that are not meant as text; name such a file to use it."""
     path = Path(path)
     if not path.exists():
         raise LlmdropError(f"text source {str(path)!r} does not exist")
@@ -49,7 +52,8 @@ def load_texts(path) -> list[str]:
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
-            raise LlmdropError(f"directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files")
+            raise LlmdropError(f"directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files (other files in a "
+                               "directory are skipped; give one as the source to read it as text)")
         texts = [t for f in files for t in _load_file(f)]
     else:
         texts = _load_file(path)
@@ -60,16 +64,14 @@ def load_texts(path) -> list[str]:
 
 def _load_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
     if suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(_read_utf8(path).splitlines(), start=1):
             if line.strip():
                 texts.append(_text_of(_parse_json(line, f"{path}:{n}"), f"{path}:{n}"))
         return texts
     if suffix == ".json":
-        data = _parse_json(path.read_text(encoding="utf-8"), str(path))
+        data = _parse_json(_read_utf8(path), str(path))
         if isinstance(data, dict) and isinstance(data.get("text"), list):
             data = data["text"]
         if not isinstance(data, list):
@@ -77,7 +79,16 @@ def _load_file(path: Path) -> list[str]:
         return [_text_of(item, f"{path} item {i}") for i, item in enumerate(data)]
     if suffix == ".parquet":
         return _load_parquet(path)
-    raise LlmdropError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+    return [_read_utf8(path)]  # .txt, and any other file: plain text
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmdropError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}); convert it, "
+                           f"e.g. iconv -f LATIN1 -t UTF-8 {path} > {path}.utf8.txt, if it is Latin-1") from None
 
 
 def _parse_json(raw: str, where: str):
@@ -147,9 +158,10 @@ def hf_texts(spec: str) -> list[str]:
 
 
 def blocks_from_texts(
-    texts: list[str], tokenizer, *, samples: int | None, seq_len: int, seed: int = 0
+    texts: list[str], tokenizer, *, samples: int | None, seq_len: int, seed: int = 0, purpose: str = "calibration"
 ) -> torch.LongTensor:
-    """Tokenize, join with EOS, cut into non-overlapping seq_len blocks; keep `samples` of them (None: all)."""
+    """Tokenize, join with EOS, cut into non-overlapping seq_len blocks; keep `samples` of them (None: all).
+    ``purpose`` ("calibration", "evaluation") names the text in errors."""
     # verbose=False: a whole book is "longer than the model's max length", which is fine here.
     encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -165,7 +177,7 @@ def blocks_from_texts(
     wanted = 1 if samples is None else samples
     if n_blocks < wanted:
         raise LlmdropError(
-            f"calibration text has {len(ids):,} tokens; {wanted} x {seq_len} = {wanted * seq_len:,} are needed "
+            f"{purpose} text has {len(ids):,} tokens; {wanted} x {seq_len} = {wanted * seq_len:,} are needed "
             "(lower --samples or --seq-len, or give more text)"
         )
     blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)

@@ -5,6 +5,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import LlmdropError
+
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
@@ -19,5 +21,11 @@ def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 1, progress: bo
         nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         predicted += targets.numel()
     mean = nll / predicted
+    if not math.isfinite(mean) or mean > 700:  # exp(>709) overflows; a real model never gets near
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        raise LlmdropError(f"perplexity is not finite (mean loss {mean}): the model's logits hold NaN or infinity. "
+                           f"Likely causes: corrupted weights (a damaged or truncated checkpoint file: re-download or "
+                           f"re-export it) or values overflowing the dtype ({dtype}; float16 overflows easily: try "
+                           f"--dtype float32 or bfloat16)")
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": predicted, "samples": len(blocks),
             "seq_len": blocks.shape[1]}

@@ -65,6 +65,13 @@ def builtin_gguf(alias: str) -> tuple[str, str]:
     return str(folder), files[0].name
 
 
+def looks_like_path(source: str) -> bool:
+    """True if ``source`` cannot be a Hub id (``name`` or ``org/name``), so it can only mean a local path:
+    it starts with ``.``, ``~`` or ``/``, holds a backslash, or has an empty or third ``/``-separated part."""
+    parts = source.split("/")
+    return source.startswith((".", "~")) or "\\" in source or len(parts) > 2 or "" in parts
+
+
 def resolve_source(source: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Map what the user typed to (path or Hub id, gguf file name or None)."""
     source = source or DEFAULT_MODEL
@@ -81,7 +88,38 @@ def resolve_source(source: str | None, gguf_file: str | None = None) -> tuple[st
         return str(path), gguf_file
     if path.exists() and not (path / "config.json").is_file():
         raise LlmdropError(f"{source} is not a model checkpoint (no config.json); for GGUF pass the .gguf file")
-    return str(path) if path.exists() else source, None
+    if path.exists():
+        return str(path), None
+    if looks_like_path(source):  # else transformers answers with its Hub id rules
+        raise LlmdropError(f"no such directory: {source}")
+    return source, None
+
+
+def source_identity(source: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(resolved directory or Hub id, GGUF file name): the same for every spelling of one model (relative or
+    absolute path, the builtin alias or its .gguf file). A source that does not resolve here is kept as typed
+    (resolved if it is an existing path, e.g. a GGUF folder named without its --gguf-file)."""
+    source = source or DEFAULT_MODEL
+    try:
+        path, gguf_file = resolve_source(source, gguf_file)
+    except LlmdropError:
+        path = source
+    local = Path(path).expanduser()
+    return (str(local.resolve()) if local.exists() else path), gguf_file
+
+
+def source_num_layers(source: str | None, gguf_file: str | None = None) -> int | None:
+    """The layer count from a local checkpoint's config.json, before loading anything; None when it cannot be read
+    that cheaply (Hub ids, GGUF files: reading a GGUF's metadata takes seconds): then check right after loading."""
+    path, gguf = resolve_source(source, gguf_file)
+    config = Path(path) / "config.json"
+    if gguf or not config.is_file():
+        return None
+    try:
+        n = json.loads(config.read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return None  # the load reports an unreadable config properly
+    return n if isinstance(n, int) else None
 
 
 def is_llmdrop_export(path: str) -> bool:

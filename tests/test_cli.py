@@ -118,7 +118,7 @@ def gpt2_dir(tmp_path_factory):
         (["drop", "{tiny}", "-o", "{tiny}", "--attn", 1], "already exists; pass --overwrite"),
         (["drop", "{tiny}", "--attn", 1], "give an output directory"),
         (["drop", "{tiny}", "-o", "{tmp}/x"], "nothing to drop"),
-        (["score", "{tmp}/nope"], "could not load model"),
+        (["score", "{tmp}/nope"], "no such directory: "),
         (["score", "{gpt2}"], "unsupported architecture model_type='gpt2'; supported: gemma2, gemma3_text, llama"),
         (["score", "{tiny}", "--calib", "{tmp}/text.txt", "--samples", 500, "--seq-len", 64], "calibration text has"),
         (["score", "{tiny}", "--calib", "{tmp}/missing.txt"], "does not exist"),

@@ -77,13 +77,16 @@ def test_directory_is_recursive_and_sorted(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.json").write_text('["see"]', encoding="utf-8")
     (tmp_path / "README.md").write_text("not calibration text", encoding="utf-8")
+    (tmp_path / "LICENSE").write_text("no suffix: skipped in a directory", encoding="utf-8")
     assert load_texts(tmp_path) == ["ay", "bee", "see"]
 
 
 def test_empty_directory(tmp_path):
     (tmp_path / "notes.md").write_text("x", encoding="utf-8")
-    with pytest.raises(LlmdropError, match="holds no .txt/.jsonl/.json/.parquet files"):
+    with pytest.raises(LlmdropError) as e:
         load_texts(tmp_path)
+    assert str(e.value) == (f"directory {str(tmp_path)!r} holds no .txt/.jsonl/.json/.parquet files (other files in a "
+                            "directory are skipped; give one as the source to read it as text)")
 
 
 def test_missing_path(tmp_path):
@@ -91,11 +94,21 @@ def test_missing_path(tmp_path):
         load_texts(tmp_path / "nope.txt")
 
 
-def test_unknown_extension(tmp_path):
-    f = tmp_path / "a.csv"
-    f.write_text("text\nhello\n", encoding="utf-8")
-    with pytest.raises(LlmdropError, match=r"a\.csv: unsupported file type '\.csv'"):
+@pytest.mark.parametrize("name", ["LICENSE", "a.csv", "notes.md"])
+def test_any_other_file_is_plain_text(tmp_path, name):
+    f = tmp_path / name
+    f.write_text("text\nhéllo\n", encoding="utf-8")
+    assert load_texts(f) == ["text\nhéllo\n"]
+
+
+@pytest.mark.parametrize("name", ["LICENSE", "a.txt", "a.jsonl", "a.json"])
+def test_non_utf8_file_names_file_and_byte(tmp_path, name):
+    f = tmp_path / name
+    f.write_bytes('{"text": "caf'.encode() + "é".encode("latin-1") + b'"}\n')
+    with pytest.raises(LlmdropError) as e:
         load_texts(f)
+    assert str(e.value) == (f"{f} is not UTF-8 text (byte 0xe9 at offset 13); convert it, e.g. iconv -f LATIN1 -t "
+                            f"UTF-8 {f} > {f}.utf8.txt, if it is Latin-1")
 
 
 def test_record_without_text_names_file_and_line(tmp_path):
@@ -240,6 +253,13 @@ def test_too_little_text(tiny_tokenizer):
         "calibration text has 1,499 tokens; 16 x 128 = 2,048 are needed "
         "(lower --samples or --seq-len, or give more text)"
     )
+
+
+def test_too_little_text_names_its_purpose(tiny_tokenizer):
+    with pytest.raises(LlmdropError) as e:
+        blocks_from_texts(["the river ran ."], tiny_tokenizer, samples=None, seq_len=8, purpose="evaluation")
+    assert str(e.value) == ("evaluation text has 4 tokens; 1 x 8 = 8 are needed (lower --samples or --seq-len, "
+                            "or give more text)")
 
 
 def test_too_little_text_for_one_block(tiny_tokenizer):
