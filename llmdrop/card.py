@@ -31,6 +31,8 @@ _DEFAULT_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
 # A Hub model id (`name` or `namespace/name`); local paths and .gguf files are not, and would fail the Hub's
 # metadata validation as `base_model`.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+# The quantization type in a GGUF file name, as llama.cpp names them: Q4_1, Q4_K_M, IQ2_XXS, TQ1_0, F16, BF16, ...
+_GGUF_TYPE = re.compile(r"(?<![A-Za-z0-9])((?:I?Q|TQ)\d(?:_[A-Za-z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.IGNORECASE)
 
 
 def _yaml_list(items) -> str:
@@ -42,6 +44,18 @@ def hub_id(name: str | None) -> str | None:
     if not name or not _HUB_ID.match(name) or name.endswith(".gguf") or ".." in name or "--" in name:
         return None
     return name
+
+
+def gguf_note(source: dict) -> list[str]:
+    """For a GGUF source, the card's paragraph saying whose weights these are: the base model's, quantized into the
+    GGUF file and dequantized on load, so they carry that quantization's error (``base_model`` stays the true base)."""
+    gguf = source.get("gguf_file")
+    if not gguf:
+        return []
+    kind = _GGUF_TYPE.search(Path(gguf).stem)
+    kind = f" (quantized to {kind.group(1).upper()})" if kind else ""
+    return [f"The weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
+            "floating point when llmdrop loaded it, and keep that quantization's rounding error.", ""]
 
 
 def _fmt_rate(value) -> str:
@@ -137,6 +151,7 @@ def model_card(record: dict, *, base_model: str | None = None, repo_id: str | No
     else:  # `llmdrop act apply` on a model with nothing dropped
         lines += [f"# {name} with attention calibration by llmdrop", "",
                   f"This checkpoint is {link} with nothing removed.", ""]
+    lines += gguf_note(src)
     act = record.get("attention_calibration")
     if act:
         heads = ", ".join(f"{l}.{h}" for l, h in act["heads"])

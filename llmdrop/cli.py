@@ -204,7 +204,7 @@ def quantize_cmd(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
     method: Annotated[str, typer.Option(help="gptq (symmetric groups) or awq (activation-aware scaling, groups with zero points).", show_default=False)] = ...,
     bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
-    group_size: Annotated[int, typer.Option("--group-size", help="Weights sharing one scale; must divide every layer's input size (vLLM's Marlin kernels: 32, 64 or 128).")] = 128,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weights sharing one scale; must divide every quantized layer's input size [default: the largest of 128, 64, 32 that does (vLLM's Marlin kernels)].", show_default=False)] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Scales only, or scales and zero points [default: symmetric for gptq, asymmetric for awq].", show_default=False)] = None,
     observer: Annotated[str, typer.Option(help="Group scales from the min/max or the least-squared-error clipping: auto | minmax | mse (auto: mse for gptq, minmax for awq).")] = "auto",
     calib: Calib = "self",

