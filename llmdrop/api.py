@@ -194,7 +194,7 @@ def drop(
         where = ""
     if scores is not None and not force_scores:
         _check_scores_model(scores, where, model, gguf_file, loaded)
-    counts = dict(attn=attn, mlp=mlp, blocks=blocks, joint=joint)
+    counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
     known = loaded.num_layers if loaded is not None else source_num_layers(model, gguf_file)
     if known:
         _check_request(known, scores, layer_args, skip_attention_from, **counts)

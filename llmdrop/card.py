@@ -8,13 +8,11 @@ never replaced.
 """
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from .errors import LlmdropError
-from .files import atomic_write_text, write_json
+from .files import write_json
 from .models import BUILTIN_BASE_MODELS
 
 RECORD_FILE = "llmdrop.json"
