@@ -1,13 +1,27 @@
-"""llmdrop: find redundant attention / MLP sublayers and blocks in decoder LLMs, drop them, export."""
+"""llmdrop: find redundant attention / MLP sublayers and blocks in decoder LLMs, drop them, export.
+
+The public functions are imported on first use (PEP 562), so that ``llmdrop --help`` and ``import llmdrop``
+do not pay for torch and transformers.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .api import drop, evaluate, score  # noqa: E402
-from .attnmaps import attnmap  # noqa: E402
-from .bench import bench  # noqa: E402
-from .errors import LlmdropError  # noqa: E402
-from .manipulate import Manipulation, capture_layer_inputs, manipulation  # noqa: E402
-from .probing import inject, probe  # noqa: E402
+# public name -> the module that defines it
+_PUBLIC = {
+    "score": "api", "drop": "api", "evaluate": "api", "bench": "api", "attnmap": "api", "probe": "api",
+    "inject": "api", "quantize": "api", "push": "api", "act_search": "api", "act_eval": "api", "act_apply": "api",
+    "LoadSpec": "api", "CalibSpec": "api",
+    "LlmdropError": "errors",
+    "manipulation": "manipulate", "Manipulation": "manipulate", "capture_layer_inputs": "manipulate",
+}
+__all__ = ["__version__", *_PUBLIC]
 
-__all__ = ["score", "drop", "evaluate", "bench", "attnmap", "LlmdropError", "__version__",
-           "probe", "inject", "manipulation", "Manipulation", "capture_layer_inputs"]
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'llmdrop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value

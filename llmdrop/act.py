@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .api import _load
 from .files import write_json
 from .errors import LlmdropError
 from .modeling.attention_calibration import (
@@ -31,7 +30,7 @@ from .modeling.attention_calibration import (
     disable_attention_calibration,
     enable_attention_calibration,
 )
-from .models import LoadedModel
+from .models import LoadedModel, ModelArg, as_loaded, source_of
 
 FORMAT = "llmdrop.act/1"
 DEFAULT_TASK = Path(__file__).parent / "data" / "act_mc.jsonl"
@@ -47,7 +46,7 @@ class Item:
     label: int
 
 
-def load_task(path) -> list[Item]:
+def load_mc_task(path) -> list[Item]:
     path = Path(path)
     if not path.is_file():
         raise LlmdropError(f"task file not found: {path}")
@@ -251,11 +250,10 @@ def _task_record(task, split: float, seed: int, norm: str) -> dict:
     return {"file": Path(task).name, "sha256": digest, "split": split, "seed": seed, "norm": norm}
 
 
-def search(model: str | None = None, *, task=DEFAULT_TASK, out, beta: float = DEFAULT_BETA,
-           threshold: float = DEFAULT_THRESHOLD, layers: str | None = None, max_heads: int | None = None,
-           greedy: bool = False, split: float = 0.5, seed: int = 0, norm: str = "sum", batch_size: int = 16,
-           device: str = "auto", dtype: str = "auto", gguf_file: str | None = None,
-           trust_remote_code: bool = False, loaded: LoadedModel | None = None, progress: bool = True) -> dict:
+def act_search(model: ModelArg = None, *, task=DEFAULT_TASK, out, beta: float = DEFAULT_BETA,
+               threshold: float = DEFAULT_THRESHOLD, layers: str | None = None, max_heads: int | None = None,
+               greedy: bool = False, split: float = 0.5, seed: int = 0, norm: str = "sum", batch_size: int = 16,
+               progress: bool = True) -> dict:
     """Calibrate each (layer, head) alone on the calibration split; keep the heads that raise accuracy.
 
     Writes ``out`` after every head (atomically), so an interrupted search resumes from it. With
@@ -266,8 +264,8 @@ def search(model: str | None = None, *, task=DEFAULT_TASK, out, beta: float = DE
     from .plan import parse_layers
 
     out = Path(out)
-    calib, _ = split_task(load_task(task), split, seed)
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    calib, _ = split_task(load_mc_task(task), split, seed)
+    loaded = as_loaded(model)
     n_layers, n_heads = loaded.num_layers, loaded.model.config.num_attention_heads
     todo_layers = parse_layers(layers, n_layers) if layers else list(range(n_layers))
     settings = {"beta": float(beta), "threshold": float(threshold), "task": _task_record(task, split, seed, norm)}
@@ -330,17 +328,16 @@ def _greedy(loaded, scorer, candidates, base_acc, beta, threshold, progress):
     return chosen, steps
 
 
-def evaluate(model: str | None = None, *, task=DEFAULT_TASK, heads: str | None = None, beta: float | None = None,
+def act_eval(model: ModelArg = None, *, task=DEFAULT_TASK, heads: str | None = None, beta: float | None = None,
              threshold: float | None = None, split: float = 0.5, seed: int = 0, norm: str = "sum",
-             part: str = "heldout", batch_size: int = 16, device: str = "auto", dtype: str = "auto",
-             gguf_file: str | None = None, trust_remote_code: bool = False, loaded: LoadedModel | None = None) -> dict:
+             part: str = "heldout", batch_size: int = 16) -> dict:
     """Accuracy on the held-out split (``part="calibration"`` or ``"all"`` for the others), without and with
     the heads of a heads.json (beta / threshold from the file unless given)."""
     if part not in ("heldout", "calibration", "all"):
         raise LlmdropError(f"unknown --part {part!r}; use heldout, calibration or all")
     spec = load_heads(heads) if heads else None
-    items = load_task(task)  # bad inputs fail before the model loads
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    items = load_mc_task(task)  # bad inputs fail before the model loads
+    loaded = as_loaded(model)
     calib, held = split_task(items, split, seed)
     chosen = {"heldout": held, "calibration": calib, "all": items}[part]
     scorer = MultipleChoiceScorer(loaded.tokenizer, chosen, batch_size=batch_size, norm=norm)
@@ -359,25 +356,24 @@ def evaluate(model: str | None = None, *, task=DEFAULT_TASK, heads: str | None =
     return result
 
 
-def apply(model: str | None = None, *, heads: str, out, beta: float | None = None, threshold: float | None = None,
-          attn_layers=None, mlp_layers=None, dtype: str = "auto", overwrite: bool = False, device: str = "cpu",
-          gguf_file: str | None = None, trust_remote_code: bool = False, loaded: LoadedModel | None = None) -> Path:
+def act_apply(model: ModelArg = None, *, heads: str, out, beta: float | None = None, threshold: float | None = None,
+              attn_layers=None, mlp_layers=None, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Export ``model`` with the heads of ``heads`` calibrated (config.json ``attention_calibration`` + remote
     code); attention / MLP sublayers in ``attn_layers`` / ``mlp_layers`` are dropped too. A MODEL that is an
     llmdrop export keeps its drops. Layer numbers are MODEL's."""
-    from .api import _as_layers
+    from .api import as_layers
     from .export import export
     from .files import check_output_dir
     from .plan import DropPlan
 
     spec = load_heads(heads)
-    check_output_dir(out, overwrite, inputs=[model, heads])
+    check_output_dir(out, overwrite, inputs=[source_of(model)[0], heads])
     beta = spec["beta"] if beta is None else beta
     threshold = spec["threshold"] if threshold is None else threshold
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    loaded = as_loaded(model)
     n = loaded.num_layers
-    plan = DropPlan(n, attn=_as_layers(attn_layers, n) if attn_layers else [],
-                    mlp=_as_layers(mlp_layers, n) if mlp_layers else [], method="explicit")
+    plan = DropPlan(n, attn=as_layers(attn_layers, n) if attn_layers else [],
+                    mlp=as_layers(mlp_layers, n) if mlp_layers else [], method="explicit")
     if plan.blocks:
         raise LlmdropError("dropping a whole layer (attention and MLP) would renumber the calibrated heads; "
                            "drop blocks first, then search and apply on that export")

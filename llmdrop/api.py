@@ -1,74 +1,54 @@
-"""The Python API: one function per CLI verb, same parameters. Each chains the pipeline stages."""
+"""The Python API: every CLI verb is a function here, with the same parameters.
+
+MODEL is a name (Hub id, local folder, ``.gguf`` file, builtin alias), a ``LoadSpec`` (the name plus how to load
+it) or an already loaded model; calibration is a source string or a ``CalibSpec``. The functions chain the
+pipeline stages; the verbs of the analysis commands live in their own modules and are re-exported here.
+"""
 
 from pathlib import Path
 
-from .data import calibration_blocks, blocks_from_texts, load_texts
+from .data import CalibSpec, check_sizes, load_texts, tokens_from_texts
 from .errors import LlmdropError
-from .export import check_output_dir, export
-from .files import check_writable_parent
-from .models import DEFAULT_MODEL, LoadedModel, load_model, source_identity, source_num_layers
+from .export import export
+from .files import check_output_dir, check_writable_parent
+from .models import DEFAULT_MODEL, LoadedModel, LoadSpec, ModelArg, as_loaded, source_identity, source_num_layers, source_of
 from .plan import DropPlan, parse_layers, select
 from .scoring import Scores, compute_importance
 from .surgery import drop_sublayers
 
-# `self` text is sampled token by token, so it gets a smaller default than real text (paper: 128 x 2048).
-DEFAULT_CALIBRATION = {"self": (32, 256), "text": (128, 2048)}
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
 
+__all__ = ["LoadSpec", "CalibSpec", "score", "drop", "evaluate", "quantize", "push", "bench", "probe", "inject",
+           "attnmap", "act_search", "act_eval", "act_apply"]
 
-def _load(model, loaded, **load_kwargs) -> LoadedModel:
-    return loaded if loaded is not None else load_model(model, **load_kwargs)
 
-
-def _as_layers(value, num_layers: int) -> list[int]:
+def as_layers(value, num_layers: int) -> list[int]:
     """A CLI string ('3,5,20-29') or a Python list of layers, checked against the model."""
     text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return parse_layers(text, num_layers)
 
 
-def calibration_defaults(calib: str, samples: int | None, seq_len: int | None) -> tuple[int, int]:
-    d_samples, d_len = DEFAULT_CALIBRATION["self" if calib == "self" else "text"]
-    return (d_samples if samples is None else samples), (d_len if seq_len is None else seq_len)
-
-
-def check_sizes(*, samples=None, seq_len=None, batch_size=None) -> None:
-    """One clear line for an impossible size, before any model work (None: the default). A block of one token
-    predicts nothing, hence seq_len >= 2."""
-    for name, value, least in (("--samples", samples, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise LlmdropError(f"{name} must be a whole number >= {least}, got {value!r}")
-
-
 def score(
-    model: str | None = None,
+    model: ModelArg = None,
     *,
-    calib: str = "self",
-    samples: int | None = None,
-    seq_len: int | None = None,
-    seed: int = 0,
+    calib: str | CalibSpec = "self",
     metric: str = "cosine",
     batch_size: int = 1,
-    device: str = "auto",
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
     out: str | None = None,
     plot: str | None = None,
-    loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> Scores:
     """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant)."""
-    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    calib = CalibSpec.of(calib)
+    check_sizes(batch_size=batch_size)
     for path in (out, plot):
         if path:
             check_writable_parent(Path(path))
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    samples, seq_len = calibration_defaults(calib, samples, seq_len)
-    blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, model=loaded.model)
-    importance = compute_importance(loaded.model, loaded.adapter, blocks, metric=metric, batch_size=batch_size,
+    loaded = as_loaded(model)
+    tokens = calib.tokens(loaded.tokenizer, loaded.model)
+    importance = compute_importance(loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size,
                                     progress=progress)
-    calibration = {"source": calib, "samples": samples, "seq_len": seq_len, "seed": seed, "tokens": blocks.numel()}
-    scores = Scores(loaded.source, loaded.num_layers, metric, calibration, importance)
+    scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), importance)
     if out:
         scores.save(out)
     if plot:
@@ -78,7 +58,7 @@ def score(
     return scores
 
 
-def _iterative_plan(loaded: LoadedModel, blocks, *, attn: int, mlp: int, n_blocks: int, joint: int, metric: str,
+def _iterative_plan(loaded: LoadedModel, tokens, *, attn: int, mlp: int, n_blocks: int, joint: int, metric: str,
                     batch_size: int, progress: bool) -> tuple[DropPlan, list[dict], dict]:
     """Drop one part at a time, re-scoring the (in-memory) dropped model after each drop."""
     n = loaded.num_layers
@@ -87,7 +67,7 @@ def _iterative_plan(loaded: LoadedModel, blocks, *, attn: int, mlp: int, n_block
     requests = [("block", n_blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)]
     for kind, count in requests:
         for _ in range(count):
-            imp = compute_importance(loaded.model, loaded.adapter, blocks, metric=metric, batch_size=batch_size,
+            imp = compute_importance(loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size,
                                      progress=progress)
             first = first or imp
             kinds = ("attn", "mlp") if kind == "joint" else (kind,)
@@ -108,15 +88,15 @@ def _iterative_plan(loaded: LoadedModel, blocks, *, attn: int, mlp: int, n_block
     return plan, steps, first
 
 
-def _check_scores_model(scores: Scores, where: str, model, gguf_file, loaded) -> None:
+def _check_scores_model(scores: Scores, where: str, model: ModelArg) -> None:
     """Scores of another model (with as many layers) would silently pick the wrong parts: refuse unless they name
     this model. Spellings of one model match: relative and absolute paths, the builtin alias and its .gguf file."""
     recorded = source_identity(scores.model)
-    current = source_identity(loaded.path, loaded.gguf_file) if loaded else source_identity(model, gguf_file)
+    current = source_identity(*source_of(model))
     # a GGUF folder recorded without its --gguf-file: the folder has to match
     if recorded == current or (recorded[1] is None and recorded[0] == current[0]):
         return
-    name = loaded.source if loaded else model or DEFAULT_MODEL
+    name = model.source if isinstance(model, LoadedModel) else source_of(model)[0] or DEFAULT_MODEL
     raise LlmdropError(f"the scores{where} were computed on {scores.model!r}, not on {name!r}; score this model "
                        "(leave out --scores), or pass --force-scores if it is the same model")
 
@@ -126,7 +106,7 @@ def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None
     if scores is not None and scores.num_layers != n:
         raise LlmdropError(f"the scores are for {scores.num_layers} layers but the model has {n}")
     for value in lists:
-        _as_layers(value, n)
+        as_layers(value, n)
     if skip_attention_from is not None:
         from .manipulate import skip_attention_layers
 
@@ -138,7 +118,7 @@ def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None
 
 
 def drop(
-    model: str | None = None,
+    model: ModelArg = None,
     out: str | None = None,
     *,
     attn: int = 0,
@@ -151,32 +131,28 @@ def drop(
     scores: str | Scores | None = None,
     iterative: bool = False,
     skip_attention_from: int | None = None,
-    calib: str = "self",
-    samples: int | None = None,
-    seq_len: int | None = None,
-    seed: int = 0,
+    calib: str | CalibSpec = "self",
     metric: str = "cosine",
     batch_size: int = 1,
-    device: str = "auto",
     dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
+    fmt: str = "auto",
     overwrite: bool = False,
     force_scores: bool = False,
-    loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> tuple[Path, DropPlan]:
     """Choose what to drop (by score or explicitly) and export the result to ``out``.
 
     ``skip_attention_from=K`` drops the attention sublayers of layers K..L-1 (the "skip-attention" manipulation).
-    ``scores`` made for another model are refused unless ``force_scores``.
+    ``scores`` made for another model are refused unless ``force_scores``. ``dtype`` is the saved dtype (auto: as
+    loaded); ``fmt`` the checkpoint format (auto | vanilla | llmdrop, see ``llmdrop.exporters``).
     """
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
-    check_output_dir(Path(out), overwrite)  # fail before the slow part
     # Everything that needs no model is checked first: loading and scoring take minutes.
+    check_output_dir(out, overwrite, inputs=[source_of(model)[0], scores if isinstance(scores, (str, Path)) else None])
     check_writable_parent(Path(out))
-    check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    calib = CalibSpec.of(calib)
+    check_sizes(batch_size=batch_size)
     layer_args = (attn_layers, mlp_layers, block_layers)
     for text in layer_args:
         if isinstance(text, str):
@@ -193,15 +169,15 @@ def drop(
     else:
         where = ""
     if scores is not None and not force_scores:
-        _check_scores_model(scores, where, model, gguf_file, loaded)
+        _check_scores_model(scores, where, model)
     counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
-    known = loaded.num_layers if loaded is not None else source_num_layers(model, gguf_file)
+    known = model.num_layers if isinstance(model, LoadedModel) else source_num_layers(*source_of(model))
     if known:
         _check_request(known, scores, layer_args, skip_attention_from, **counts)
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    loaded = as_loaded(model)
     n = loaded.num_layers
     _check_request(n, scores, layer_args, skip_attention_from, **counts)  # GGUF and Hub sources: now, before scoring
-    lists = {k: _as_layers(v, n) for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers),
+    lists = {k: as_layers(v, n) for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers),
                                              ("block_layers", block_layers))}
     extra = {}
     if skip_attention_from is not None:
@@ -211,43 +187,33 @@ def drop(
         lists["attn_layers"] = sorted(set(lists["attn_layers"]) | set(skip_attention_layers(n, skip_attention_from)))
         extra["skip_attention_from"] = skip_attention_from
     if iterative:
-        samples, seq_len = calibration_defaults(calib, samples, seq_len)
-        calib_blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
-                                          model=loaded.model)
-        plan, steps, first = _iterative_plan(loaded, calib_blocks, attn=attn, mlp=mlp, n_blocks=blocks, joint=joint,
+        tokens = calib.tokens(loaded.tokenizer, loaded.model)
+        plan, steps, first = _iterative_plan(loaded, tokens, attn=attn, mlp=mlp, n_blocks=blocks, joint=joint,
                                              metric=metric, batch_size=batch_size, progress=progress)
-        calibration = {"source": calib, "samples": samples, "seq_len": seq_len, "seed": seed,
-                       "tokens": calib_blocks.numel()}
-        scores = Scores(loaded.source, n, metric, calibration, first)
+        scores = Scores(loaded.source, n, metric, calib.record(tokens), first)
         extra["iterative_steps"] = steps
     elif counted:
         if scores is None:
-            scores = score(loaded=loaded, calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
-                           batch_size=batch_size, progress=progress)
+            scores = score(loaded, calib=calib, metric=metric, batch_size=batch_size, progress=progress)
         plan = select(scores.importance, attn=attn, mlp=mlp, blocks=blocks, joint=joint, **lists)
     else:
         plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
         if plan.empty:
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
-    path = export(loaded, plan, out, dtype=dtype, overwrite=overwrite, scores=scores,
+    path = export(loaded, plan, out, dtype=dtype, overwrite=overwrite, fmt=fmt, scores=scores,
                   calibration=scores.calibration if scores else None, extra=extra)
     return path, plan
 
 
 def evaluate(
-    model: str | None = None,
+    model: ModelArg = None,
     *,
     text: str | None = None,
     seq_len: int = 512,
     samples: int | None = None,
     seed: int = 0,
     batch_size: int = 1,
-    device: str = "auto",
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
     save: bool = False,
-    loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop).
@@ -257,20 +223,32 @@ def evaluate(
     from .evaluation import perplexity
 
     check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
-    if save and not (model and Path(model).expanduser().is_dir()):
+    folder = source_of(model)[0]
+    folder = Path(folder).expanduser() if folder else None
+    if save and not (folder and folder.is_dir()):
         raise LlmdropError(f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
-                           f"(got {model or 'the builtin default model'!r})")
+                           f"(got {str(folder) if folder else 'the builtin default model'!r})")
     if save:
-        check_writable_parent(Path(model).expanduser() / "eval_results.json")
+        check_writable_parent(folder / "eval_results.json")
     text_path = text or DEFAULT_EVAL_TEXT
     texts = load_texts(text_path)  # a bad text file fails before the model loads
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    blocks = blocks_from_texts(texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
+    loaded = as_loaded(model)
+    tokens = tokens_from_texts(texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
                                purpose="evaluation")
     result = {"model": loaded.source, "text": str(text_path),
-              **perplexity(loaded.model, blocks, batch_size=batch_size, progress=progress)}
+              **perplexity(loaded.model, tokens, batch_size=batch_size, progress=progress)}
     if save:
         from .card import save_eval_result
 
-        return {**result, "saved_to": str(save_eval_result(Path(model).expanduser(), result))}
+        return {**result, "saved_to": str(save_eval_result(folder, result))}
     return result
+
+
+# The verbs of the other stages and of the analysis commands, so that every CLI verb is found here (imported last:
+# some of those modules use the helpers above).
+from .act import act_apply, act_eval, act_search  # noqa: E402
+from .attnmaps import attnmap  # noqa: E402
+from .bench import bench  # noqa: E402
+from .hub import push  # noqa: E402
+from .probing import inject, probe  # noqa: E402
+from .quantize import quantize  # noqa: E402

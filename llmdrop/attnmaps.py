@@ -19,7 +19,6 @@ import contextlib
 import functools
 import json
 import math
-import shutil
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compat import cache_kwarg, output_cache, quiet_cache_rename
 from .errors import LlmdropError
 
 FORMATS = ("png", "html")
@@ -148,6 +148,7 @@ def _topk(logits: torch.Tensor, k: int):
 
 
 @torch.no_grad()
+@quiet_cache_rename()
 def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 20, top_k: int = 5,
             progress: bool = True) -> AttnCapture:
     """Greedy generation step by step (KV cache), recording attention rows and the logit lens."""
@@ -184,15 +185,15 @@ def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens:
     device = next(model.parameters()).device
     ids = list(prompt_ids)
     attn_steps, lens_ids, lens_probs = [], [], []
-    past = None
+    past, cache_name = None, cache_kwarg(model)
     try:
         with eager_attention(model):
             for _ in tqdm(range(max_new_tokens), desc="attnmap: generating", disable=not progress, leave=False):
                 new = ids if past is None else ids[-1:]
                 outputs.clear()
                 weights.clear()
-                out = model(input_ids=torch.tensor([new], device=device), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=torch.tensor([new], device=device), use_cache=True, **{cache_name: past})
+                past = output_cache(out)
                 T = len(ids)
                 step = np.full((L, H, T), np.nan, dtype=np.float32)
                 for l in range(L):
@@ -357,7 +358,7 @@ def _formats(formats) -> list[str]:
 
 
 def attnmap(
-    model: str | None = None,
+    model=None,
     *,
     prompt: str,
     out: str,
@@ -369,12 +370,7 @@ def attnmap(
     stride: int = 5,
     all_windows: bool = True,
     top_k: int = 5,
-    device: str = "auto",
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
     overwrite: bool = False,
-    loaded=None,
     progress: bool = True,
 ) -> dict:
     """Generate greedily from ``prompt`` and write attention maps with a logit lens to ``out``.
@@ -384,28 +380,23 @@ def attnmap(
     (the one ending at the query).
     Returns a summary: files written, prompt / generated tokens, text.
     """
-    from .export import check_output_dir
-    from .models import load_model
+    from .files import atomic_dir, check_output_dir
+    from .models import as_loaded, source_of
 
     fmts = _formats(formats)
     parse_heads(heads, 1 << 30)  # the form now, the range once the model is loaded
     windows(window + 1, window, stride)  # validates window / stride before the (slow) load
     out_dir = Path(out)
-    check_output_dir(out_dir, overwrite)
-    if loaded is None:
-        loaded = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file,
-                            trust_remote_code=trust_remote_code, attn_implementation="eager")
+    check_output_dir(out_dir, overwrite, inputs=[source_of(model)[0]])
+    loaded = as_loaded(model, attn_implementation="eager")  # a model loaded already is switched for the capture
     head_choice = parse_heads(heads, loaded.model.config.num_attention_heads)
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, chat)
     cap = capture(loaded.model, loaded.adapter, loaded.tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                   top_k=top_k, progress=progress)
     texts = token_texts(loaded.tokenizer, list(cap.token_ids) + cap.lens_ids.ravel().tolist())
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     files = []
-    try:
+    with atomic_dir(out_dir, overwrite, inputs=[loaded.path]) as tmp:
         if "png" in fmts:
             from tqdm.auto import tqdm
 
@@ -422,12 +413,6 @@ def attnmap(
                                      stride=stride, heads=head_choice)
             (tmp / HTML_NAME).write_text(render_html(payload), encoding="utf-8")
             files.append(HTML_NAME)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out": str(out_dir),
         "files": files,

@@ -8,7 +8,7 @@ Models are either checkpoints (anything ``load_model`` loads: llmdrop exports, v
 each variant is exactly what an export would be.
 
 Timing: one prefill forward over a seeded random prompt (no padding), then a hand-written greedy decode
-loop feeding ``past_key_values`` back one token per step. Models run interleaved (A B A B ...) so that
+loop feeding the KV cache back one token per step. Models run interleaved (A B A B ...) so that
 drift (thermals, other processes) hits all of them alike.
 """
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import cache_kwarg, output_cache, quiet_cache_rename
 from .errors import LlmdropError
 from .plan import DropPlan, parse_layers
 
@@ -272,11 +273,12 @@ def cache_bytes(cache) -> int | None:
 
 
 @torch.inference_mode()
+@quiet_cache_rename()
 def run_once(model, input_ids: torch.Tensor, gen_len: int) -> dict:
     """One prefill + greedy decode. The first new token comes from the prefill logits (TTFT = prefill
     forward + argmax); then gen_len decode forwards each feed one token and the cache back."""
     device = input_ids.device
-    kwargs = _forward_kwargs(model)
+    kwargs, cache_name = _forward_kwargs(model), cache_kwarg(model)
     _sync(device)
     t0 = time.perf_counter()
     out = model(input_ids=input_ids, **kwargs)
@@ -285,10 +287,10 @@ def run_once(model, input_ids: torch.Tensor, gen_len: int) -> dict:
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t2 = time.perf_counter()
-    cache = out.past_key_values
+    cache = output_cache(out)
     for _ in range(gen_len):
-        out = model(input_ids=token, past_key_values=cache, **kwargs)
-        cache = out.past_key_values
+        out = model(input_ids=token, **{cache_name: cache}, **kwargs)
+        cache = output_cache(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     t3 = time.perf_counter()
@@ -518,7 +520,7 @@ def bench(
     memory: bool = True,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
-    json_out: str | None = None,
+    out: str | None = None,
     plot: str | None = None,
     markdown: str | None = None,
     progress: bool = True,
@@ -544,12 +546,10 @@ def bench(
                            repeats=repeats, warmup=warmup, seed=seed, memory=memory, progress=progress)
     if random_weights:
         report["random_weights"] = random_weights
-    if json_out:
-        text = json.dumps(report, indent=2) + "\n"
-        if json_out == "-":
-            print(text, end="")
-        else:
-            Path(json_out).write_text(text)
+    if out:
+        from .files import write_json
+
+        write_json(report, out)
     if plot:
         plot_report(report, plot)
     if markdown:

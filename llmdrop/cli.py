@@ -1,7 +1,9 @@
 """`llmdrop <verb>`: thin Typer commands over llmdrop.api. Errors are one line on stderr (traceback with --debug)."""
 
 import functools
+import inspect
 import json
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -31,7 +33,53 @@ Seed = Annotated[int, typer.Option(help="Seed for sampling and block selection."
 Metric = Annotated[str, typer.Option(help="cosine (1 - cos) or angular (arccos(cos) / pi).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+# `llmdrop --debug VERB ...` (or LLMDROP_DEBUG=1): the traceback instead of one error line.
+_state = {"debug": bool(os.environ.get("LLMDROP_DEBUG"))}
+
+# The options of "which model and how to load it", added to every command that loads one (see model_options).
+_LOAD_OPTIONS = [("device", Device, "auto"), ("dtype", Dtype, "auto"), ("gguf_file", GgufFile, None),
+                 ("trust_remote_code", TrustRemote, False)]
+_CALIB_OPTIONS = [("calib", Calib, "self"), ("samples", Samples, None), ("seq_len", SeqLen, None), ("seed", Seed, 0)]
+
+
+def _with_options(fn, options, build):
+    """Append ``options`` to ``fn``'s CLI signature; the wrapper turns their values into one object (``build``)."""
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in options]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name, _, _ in options}
+        return fn(*args, **build(kwargs, values))
+
+    names = {name for name, _, _ in options}
+    kept = [p for p in sig.parameters.values() if p.name not in names]  # e.g. `calib=None`: the built object
+    wrapper.__signature__ = sig.replace(parameters=[*kept, *extra])
+    return wrapper
+
+
+def model_options(fn):
+    """--device/--dtype/--gguf-file/--trust-remote-code, handed to the command as ``model``, one LoadSpec."""
+
+    def build(kwargs, values):
+        from .models import LoadSpec
+
+        return {**kwargs, "model": LoadSpec(kwargs.get("model"), **values)}
+
+    return _with_options(fn, _LOAD_OPTIONS, build)
+
+
+def calib_options(fn):
+    """--calib/--samples/--seq-len/--seed, handed to the command as ``calib``, one CalibSpec."""
+
+    def build(kwargs, values):
+        from .data import CalibSpec
+
+        return {**kwargs, "calib": CalibSpec(values.pop("calib"), **values)}
+
+    return _with_options(fn, _CALIB_OPTIONS, build)
 
 
 def _fail(message: str) -> None:
@@ -51,9 +99,10 @@ def cli_errors(fn):
         except KeyboardInterrupt:
             _fail("interrupted")
         except Exception as e:  # noqa: BLE001 - anything else is reported the same way, with a hint
-            if kwargs.get("debug"):
+            if _state["debug"]:
                 raise
-            _fail(str(e) if isinstance(e, LlmdropError) else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)")
+            hint = " (rerun as `llmdrop --debug ...` for the traceback)"
+            _fail(str(e) if isinstance(e, LlmdropError) else f"{type(e).__name__}: {e}{hint}")
 
     return wrapper
 
@@ -65,28 +114,26 @@ def _version(value: bool):
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False):
-    pass
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors (also LLMDROP_DEBUG=1).")] = False,
+):
+    if debug:
+        _state["debug"] = True
 
 
 @app.command("score")
 @cli_errors
+@model_options
+@calib_options
 def score_cmd(
     model: Model = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the scores JSON here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot of the three importance curves.")] = None,
-    calib: Calib = "self",
-    samples: Samples = None,
-    seq_len: SeqLen = None,
-    seed: Seed = 0,
     metric: Metric = "cosine",
     batch_size: BatchSize = 1,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     json_out: Json = False,
-    debug: Debug = False,
+    calib=None,
 ):
     """Score every attention sublayer, MLP sublayer and block (lower importance = more redundant).
 
@@ -95,9 +142,7 @@ def score_cmd(
     from . import api
     from .report import console, scores_table
 
-    scores = api.score(model, calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
-                       batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                       trust_remote_code=trust_remote_code, out=out, plot=plot)
+    scores = api.score(model, calib=calib, metric=metric, batch_size=batch_size, out=out, plot=plot)
     if json_out:
         typer.echo(json.dumps(scores.to_dict(), indent=2))
     else:
@@ -109,6 +154,8 @@ def score_cmd(
 
 @app.command("drop")
 @cli_errors
+@model_options
+@calib_options
 def drop_cmd(
     model: Model = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
@@ -123,21 +170,14 @@ def drop_cmd(
     force_scores: Annotated[bool, typer.Option("--force-scores", help="Use --scores even if they record another model (e.g. the same checkpoint moved).")] = False,
     iterative: Annotated[bool, typer.Option(help="Re-score after every single drop (in process).")] = False,
     skip_attention_from: Annotated[Optional[int], typer.Option("--skip-attention-from", help="Drop attention in layers K..L-1 (as `llmdrop probe --manipulation skip-attention` at K).", show_default=False)] = None,
-    calib: Calib = "self",
-    samples: Samples = None,
-    seq_len: SeqLen = None,
-    seed: Seed = 0,
     metric: Metric = "cosine",
     batch_size: BatchSize = 1,
-    device: Device = "auto",
-    dtype: Annotated[str, typer.Option(help="Load and save dtype: auto | float32 | bfloat16 | float16.")] = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
+    fmt: Annotated[str, typer.Option("--format", help="Checkpoint format: auto (vanilla when only whole blocks go, else llmdrop), vanilla, or llmdrop (remote code).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     json_out: Json = False,
-    debug: Debug = False,
+    calib=None,
 ):
-    """Drop sublayers / blocks and export a checkpoint that loads with transformers.
+    """Drop sublayers / blocks and export a checkpoint that loads with transformers (saved in the --dtype it loads in).
 
     Example: `llmdrop drop smollm2-135m -o smollm2-drop8attn --attn 8`
     """
@@ -146,20 +186,20 @@ def drop_cmd(
 
     path, plan = api.drop(model, out, attn=attn, mlp=mlp, blocks=blocks, joint=joint, attn_layers=attn_layers,
                           mlp_layers=mlp_layers, block_layers=block_layers, scores=scores, force_scores=force_scores,
-                          iterative=iterative,
-                          skip_attention_from=skip_attention_from,
-                          calib=calib, samples=samples, seq_len=seq_len, seed=seed, metric=metric,
-                          batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                          trust_remote_code=trust_remote_code, overwrite=overwrite)
+                          iterative=iterative, skip_attention_from=skip_attention_from, calib=calib, metric=metric,
+                          batch_size=batch_size, dtype=model.dtype, fmt=fmt, overwrite=overwrite)
+    exported = json.loads((path / "llmdrop.json").read_text())["exported"]
     if json_out:
-        typer.echo(json.dumps({"out": str(path), "plan": plan.to_dict()}, indent=2))
+        typer.echo(json.dumps({"out": str(path), "plan": plan.to_dict(), "format": exported["format"]}, indent=2))
     else:
+        why = f" ({'; '.join(exported['format_reason'])})" if exported.get("format_reason") else ""
         console.print(f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "
-                      f"mlp {plan.mlp})\nwrote {path}")
+                      f"mlp {plan.mlp})\nwrote {path} in the {exported['format']} format{why}", soft_wrap=True)
 
 
 @app.command("eval")
 @cli_errors
+@model_options
 def eval_cmd(
     model: Model = None,
     text: Annotated[Optional[str], typer.Option(help="Text file(s) (.txt/.jsonl/.json/.parquet or a directory) [default: the English sample shipped with llmdrop].", show_default=False)] = None,
@@ -167,13 +207,8 @@ def eval_cmd(
     samples: Annotated[Optional[int], typer.Option(help="Use only this many blocks (seeded choice) [default: all].", show_default=False)] = None,
     seed: Seed = 0,
     batch_size: BatchSize = 1,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     save: Annotated[bool, typer.Option("--save", help="Also record the result in MODEL/eval_results.json (MODEL must be a local directory); `llmdrop push` puts it in the model card.")] = False,
     json_out: Json = False,
-    debug: Debug = False,
 ):
     """Perplexity on text (non-overlapping blocks). llmdrop exports load their remote code on their own.
 
@@ -185,7 +220,6 @@ def eval_cmd(
     from .report import console
 
     result = api.evaluate(model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size,
-                          device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                           save=save)
     saved = result.pop("saved_to", None)
     if json_out:
@@ -199,6 +233,8 @@ def eval_cmd(
 
 @app.command("quantize")
 @cli_errors
+@model_options
+@calib_options
 def quantize_cmd(
     model: Annotated[Optional[str], typer.Argument(metavar="SRC", help="Checkpoint to quantize: an llmdrop export, local dir, Hub id, .gguf file, or builtin alias smollm2-135m (default).", show_default=False)] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
@@ -207,18 +243,10 @@ def quantize_cmd(
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weights sharing one scale; must divide every quantized layer's input size [default: the largest of 128, 64, 32 that does (vLLM's Marlin kernels)].", show_default=False)] = None,
     symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Scales only, or scales and zero points [default: symmetric for gptq, asymmetric for awq].", show_default=False)] = None,
     observer: Annotated[str, typer.Option(help="Group scales from the min/max or the least-squared-error clipping: auto | minmax | mse (auto: mse for gptq, minmax for awq).")] = "auto",
-    calib: Calib = "self",
-    samples: Samples = None,
-    seq_len: SeqLen = None,
-    seed: Seed = 0,
-    device: Annotated[str, typer.Option(help="Where the weights live while quantizing: auto | cpu | cuda (llm-compressor runs each layer on the GPU when there is one).")] = "auto",
-    dtype: Annotated[str, typer.Option(help="Load dtype, kept for what is not quantized (embeddings, lm_head, norms): auto | float32 | bfloat16 | float16.")] = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show llm-compressor's own log (INFO and per-layer error metrics, on stdout).")] = False,
     json_out: Json = False,
-    debug: Debug = False,
+    calib=None,
 ):
     """Quantize weights to 4 / 8 bits with llm-compressor (GPTQ or AWQ) into a compressed-tensors checkpoint that transformers loads and vLLM serves. Needs `pip install 'llmdrop[quant]'`.
 
@@ -228,8 +256,7 @@ def quantize_cmd(
     from .report import console
 
     result = quantize(model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
-                      calib=calib, samples=samples, seq_len=seq_len, seed=seed, device=device, dtype=dtype, gguf_file=gguf_file,
-                      trust_remote_code=trust_remote_code, overwrite=overwrite, verbose=verbose)
+                      calib=calib, overwrite=overwrite, verbose=verbose)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
@@ -254,16 +281,16 @@ def bench_cmd(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: checkpoints keep theirs; random weights: bfloat16 on CUDA, float32 on CPU).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for prompts and random weights.")] = 0,
     memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak memory (CPU: one child process per model).")] = True,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write every raw sample and the summary as JSON here (- for stdout).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write every raw sample and the summary as JSON here (e.g. DIR/bench_results.json for the model card).")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of throughput against prompt length.")] = None,
     markdown: Annotated[Optional[str], typer.Option(help="Write the table as Markdown here.")] = None,
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemote = False,
-    debug: Debug = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout instead of the table.")] = False,
 ):
     """Prefill / decode throughput, time to first token, peak memory and KV-cache bytes per token, against the first model, with the theoretical speedup bound beside each measured speedup.
 
-    Example: `llmdrop bench smollm2-135m ./smollm2-drop8attn --prompt-lens 128,512 --json bench.json`
+    Example: `llmdrop bench smollm2-135m ./smollm2-drop8attn --prompt-lens 128,512 -o bench.json`
 
     Example: `llmdrop bench --random-weights llama-3-8b base attn:16 blocks:8 --plot bench.png`
     """
@@ -273,10 +300,13 @@ def bench_cmd(
     report = bench(models, random_weights=random_weights, prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
                    gen_len=gen_len, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), repeats=repeats,
                    warmup=warmup, device=device, dtype=dtype, seed=seed, memory=memory, gguf_file=gguf_file,
-                   trust_remote_code=trust_remote_code, json_out=json_out, plot=plot, markdown=markdown)
+                   trust_remote_code=trust_remote_code, out=out, plot=plot, markdown=markdown)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+        return
     print_table(report, console)
-    for path in (json_out, plot, markdown):
-        if path and path != "-":
+    for path in (out, plot, markdown):
+        if path:
             console.print(f"wrote {path}")
 
 
@@ -291,7 +321,6 @@ def push_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and the commit; no network, nothing written.")] = False,
     token: Annotated[Optional[str], typer.Option(help="Hub token with write access [default: $HF_TOKEN, else the `hf auth login` one].", show_default=False)] = None,
     json_out: Json = False,
-    debug: Debug = False,
 ):
     """Upload a checkpoint directory to the Hugging Face Hub in one commit (the model card is refreshed first).
 
@@ -332,6 +361,7 @@ Layers = Annotated[Optional[str], typer.Option(help="0-based layers k to manipul
 
 @app.command("probe")
 @cli_errors
+@model_options
 def probe_cmd(
     model: Model = None,
     manipulation: Annotated[str, typer.Option(help="freeze | random | shuffle | skip-attention | all (comma lists too).")] = "all",
@@ -342,12 +372,7 @@ def probe_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write the accuracy / gold log-prob plot (PNG) here.")] = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     json_out: Json = False,
-    debug: Debug = False,
 ):
     """Manipulate the previous tokens from each layer k on and measure task accuracy (Attend First, Fig. 2).
 
@@ -359,8 +384,7 @@ def probe_cmd(
     from .report import console
 
     result = probe(model, manipulation=manipulation, task=task, layers=layers, samples=samples, seed=seed,
-                   batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                   trust_remote_code=trust_remote_code, out=out, plot=plot)
+                   batch_size=batch_size, out=out, plot=plot)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -384,6 +408,7 @@ def probe_cmd(
 
 @app.command("inject")
 @cli_errors
+@model_options
 def inject_cmd(
     model: Model = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt whose word is replaced.")] = None,
@@ -396,13 +421,9 @@ def inject_cmd(
     samples: Annotated[Optional[int], typer.Option(help="--task: use a seeded subset of N countries.", show_default=False)] = None,
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
-    json_file: Annotated[Optional[str], typer.Option("--json", help="Write the results JSON here.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot here.")] = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
-    debug: Debug = False,
+    json_out: Json = False,
 ):
     """Inject a donor word's hidden state into a prompt at each layer k and see whether the model follows.
 
@@ -417,8 +438,10 @@ def inject_cmd(
     unescape = (lambda s: s.replace("\\n", "\n") if s is not None else None)  # shells make "\n" hard to type
     result = inject(model, prompt=unescape(prompt), word=word, donor=unescape(donor), donor_word=donor_word,
                     watch=watch, task=task, layers=layers, samples=samples, seed=seed, batch_size=batch_size,
-                    device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                    json_path=json_file, plot=plot)
+                    out=out, plot=plot)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
     capitals = result.get("task") == "capitals"
     table = Table(title=f"{result['model']}: injection per layer" + (f" ({result['pairs']} capital swaps)" if capitals else ""))
     for col in ["layer", "top token"] + ([*("follow", "keep", "other")] if capitals else []) + [f"log p({w})" for w in result["watch"]]:
@@ -430,7 +453,7 @@ def inject_cmd(
     if capitals:
         k = followed_until(result)
         console.print(f"the injection is followed by at least half of the prompts up to layer {k if k is not None else '- (never)'}")
-    for path in (json_file, plot):
+    for path in (out, plot):
         if path:
             console.print(f"wrote {path}")
 
@@ -454,6 +477,7 @@ def _default_task(task):
 
 @act_app.command("search")
 @cli_errors
+@model_options
 def act_search_cmd(
     model: Model = None,
     out: Annotated[str, typer.Option("--out", "-o", help="heads.json to write (and resume from if it exists).", show_default=False)] = ...,
@@ -467,23 +491,17 @@ def act_search_cmd(
     seed: Seed = 0,
     norm: ActNorm = "sum",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 16,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     json_out: Json = False,
-    debug: Debug = False,
 ):
     """Calibrate every (layer, head) alone on the task's calibration split and keep the heads that raise accuracy.
 
     Example: `llmdrop act search smollm2-135m --task mc.jsonl --out heads.json`
     """
-    from .act import search
+    from .act import act_search
     from .report import console
 
-    r = search(model, task=_default_task(task), out=out, beta=beta, threshold=threshold, layers=layers,
-               max_heads=max_heads, greedy=greedy, split=split, seed=seed, norm=norm, batch_size=batch_size,
-               device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    r = act_search(model, task=_default_task(task), out=out, beta=beta, threshold=threshold, layers=layers,
+                   max_heads=max_heads, greedy=greedy, split=split, seed=seed, norm=norm, batch_size=batch_size)
     if json_out:
         typer.echo(json.dumps(r, indent=2))
     else:
@@ -493,6 +511,7 @@ def act_search_cmd(
 
 @act_app.command("eval")
 @cli_errors
+@model_options
 def act_eval_cmd(
     model: Model = None,
     task: ActTask = None,
@@ -502,23 +521,17 @@ def act_eval_cmd(
     norm: ActNorm = "sum",
     part: Annotated[str, typer.Option(help="heldout | calibration | all.")] = "heldout",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per forward pass.")] = 16,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     json_out: Json = False,
-    debug: Debug = False,
 ):
     """Held-out accuracy without and with the calibrated heads.
 
     Example: `llmdrop act eval smollm2-135m --task mc.jsonl --heads heads.json`
     """
-    from .act import evaluate
+    from .act import act_eval
     from .report import console
 
-    r = evaluate(model, task=_default_task(task), heads=heads, split=split, seed=seed, norm=norm, part=part,
-                 batch_size=batch_size, device=device, dtype=dtype, gguf_file=gguf_file,
-                 trust_remote_code=trust_remote_code)
+    r = act_eval(model, task=_default_task(task), heads=heads, split=split, seed=seed, norm=norm, part=part,
+                 batch_size=batch_size)
     if json_out:
         typer.echo(json.dumps(r, indent=2))
     elif heads:
@@ -530,29 +543,29 @@ def act_eval_cmd(
 
 @act_app.command("apply")
 @cli_errors
+@model_options
 def act_apply_cmd(
     model: Model = None,
     heads: Annotated[str, typer.Option(help="heads.json from `llmdrop act search`.", show_default=False)] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = ...,
     attn_layers: Annotated[Optional[str], typer.Option("--attn-layers", help="Also drop these 0-based attention sublayers.")] = None,
     mlp_layers: Annotated[Optional[str], typer.Option("--mlp-layers", help="Also drop these 0-based MLP sublayers.")] = None,
-    dtype: Annotated[str, typer.Option(help="Load and save dtype: auto | float32 | bfloat16 | float16.")] = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    debug: Debug = False,
+    json_out: Json = False,
 ):
     """Export MODEL (an llmdrop export keeps its drops) with the heads calibrated; loads with trust_remote_code=True.
 
     Example: `llmdrop act apply smollm2-135m --heads heads.json -o smollm2-act`
     """
-    from .act import apply
+    from .act import act_apply
     from .report import console
 
-    path = apply(model, heads=heads, out=out, attn_layers=attn_layers, mlp_layers=mlp_layers, dtype=dtype,
-                 overwrite=overwrite, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    console.print(f"wrote {path}")
-
+    path = act_apply(model, heads=heads, out=out, attn_layers=attn_layers, mlp_layers=mlp_layers, dtype=model.dtype,
+                     overwrite=overwrite)
+    if json_out:
+        typer.echo(json.dumps({"out": str(path)}, indent=2))
+    else:
+        console.print(f"wrote {path}")
 
 
 # ---- analysis: attnmap (attention maps with a logit lens) ----
@@ -560,6 +573,7 @@ def act_apply_cmd(
 
 @app.command("attnmap")
 @cli_errors
+@model_options
 def attnmap_cmd(
     model: Model = None,
     prompt: Annotated[str, typer.Option(help="The prompt to generate from.", show_default=False)] = ...,
@@ -572,13 +586,8 @@ def attnmap_cmd(
     stride: Annotated[int, typer.Option(help="Shift between successive PNG windows of a step.")] = 5,
     all_windows: Annotated[bool, typer.Option("--all-windows/--last-window", help="PNGs of every window of a step, or only the one ending at the query.")] = True,
     top_k: Annotated[int, typer.Option("--top-k", help="Logit-lens tokens kept per layer and position (the viewer's hover).")] = 5,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    gguf_file: GgufFile = None,
-    trust_remote_code: TrustRemote = False,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     json_out: Json = False,
-    debug: Debug = False,
 ):
     """Attention of every generated token to the previous ones, per layer, each cell labelled with the logit-lens token of that layer; PNGs and one self-contained HTML viewer.
 
@@ -588,8 +597,8 @@ def attnmap_cmd(
     from .report import console
 
     result = attnmap(model, prompt=prompt, out=out, chat=chat, max_new_tokens=max_new_tokens, formats=fmt,
-                     heads=heads, window=window, stride=stride, all_windows=all_windows, top_k=top_k, device=device,
-                     dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code, overwrite=overwrite)
+                     heads=heads, window=window, stride=stride, all_windows=all_windows, top_k=top_k,
+                     overwrite=overwrite)
     result.pop("capture")
     if json_out:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))

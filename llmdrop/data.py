@@ -1,4 +1,4 @@
-"""Calibration and evaluation text, turned into token blocks ``[samples, seq_len]``.
+"""Calibration and evaluation text, turned into token sequences ``[samples, seq_len]``.
 
 Sources: ``"self"`` (text sampled from the model itself, the offline default), a file (``.jsonl`` / ``.json`` /
 ``.parquet``, anything else is read as UTF-8 text) or a directory of ``.txt`` / ``.jsonl`` / ``.json`` /
@@ -9,17 +9,57 @@ package). Every random choice is seeded.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmdrop.compat import cache_kwarg, output_cache, quiet_cache_rename
 from llmdrop.errors import LlmdropError
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _INSTALL_DATA = "pip install 'llmdrop[data]'"
+# `self` text is sampled token by token, so it gets a smaller default than real text (paper: 128 x 2048).
+DEFAULT_CALIBRATION = {"self": (32, 256), "text": (128, 2048)}
 
 
-def calibration_blocks(
+def check_sizes(*, samples=None, seq_len=None, batch_size=None) -> None:
+    """One clear line for an impossible size, before any model work (None: the default). A sequence of one token
+    predicts nothing, hence seq_len >= 2."""
+    for name, value, least in (("--samples", samples, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise LlmdropError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which calibration text and how much of it: what score, drop and quantize take as ``calib`` (a plain
+    source string means its defaults). ``samples`` / ``seq_len`` None: 32 x 256 for ``self``, 128 x 2048 else."""
+
+    source: str = "self"
+    samples: int | None = None
+    seq_len: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, calib: "str | CalibSpec | None") -> "CalibSpec":
+        spec = calib if isinstance(calib, CalibSpec) else cls(str(calib) if calib is not None else "self")
+        check_sizes(samples=spec.samples, seq_len=spec.seq_len)
+        d_samples, d_len = DEFAULT_CALIBRATION["self" if spec.source == "self" else "text"]
+        return cls(spec.source, d_samples if spec.samples is None else spec.samples,
+                   d_len if spec.seq_len is None else spec.seq_len, spec.seed)
+
+    def tokens(self, tokenizer, model=None) -> torch.LongTensor:
+        return calibration_tokens(self.source, tokenizer, samples=self.samples, seq_len=self.seq_len, seed=self.seed,
+                                  model=model)
+
+    def record(self, tokens: torch.Tensor) -> dict:
+        """What llmdrop.json and the scores file keep about the calibration."""
+        return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed,
+                "tokens": tokens.numel()}
+
+
+def calibration_tokens(
     source: str, tokenizer, *, samples: int, seq_len: int, seed: int = 0, model=None
 ) -> torch.LongTensor:
     """[samples, seq_len] token ids. source: "self" | a path | "hf:NAME[:CONFIG][:SPLIT]"."""
@@ -33,7 +73,7 @@ def calibration_blocks(
             raise LlmdropError("calibration source 'self' samples text from the model, but no model was given")
         return sample_self(model, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
     texts = hf_texts(source) if source.startswith("hf:") else load_texts(source)
-    return blocks_from_texts(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
+    return tokens_from_texts(texts, tokenizer, samples=samples, seq_len=seq_len, seed=seed)
 
 
 # --------------------------------------------------------------------------- files
@@ -154,13 +194,13 @@ def hf_texts(spec: str) -> list[str]:
     return texts
 
 
-# --------------------------------------------------------------------------- blocks
+# --------------------------------------------------------------------------- token sequences
 
 
-def blocks_from_texts(
+def tokens_from_texts(
     texts: list[str], tokenizer, *, samples: int | None, seq_len: int, seed: int = 0, purpose: str = "calibration"
 ) -> torch.LongTensor:
-    """Tokenize, join with EOS, cut into non-overlapping seq_len blocks; keep `samples` of them (None: all).
+    """Tokenize, join with EOS, cut into non-overlapping seq_len sequences; keep `samples` of them (None: all).
     ``purpose`` ("calibration", "evaluation") names the text in errors."""
     # verbose=False: a whole book is "longer than the model's max length", which is fine here.
     encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
@@ -173,25 +213,26 @@ def blocks_from_texts(
             ids.append(eos)
         ids.extend(toks)
 
-    n_blocks = len(ids) // seq_len
+    n_seqs = len(ids) // seq_len
     wanted = 1 if samples is None else samples
-    if n_blocks < wanted:
+    if n_seqs < wanted:
         raise LlmdropError(
             f"{purpose} text has {len(ids):,} tokens; {wanted} x {seq_len} = {wanted * seq_len:,} are needed "
             "(lower --samples or --seq-len, or give more text)"
         )
-    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
-    if samples is None or samples == n_blocks:
-        return blocks
+    seqs = torch.tensor(ids[: n_seqs * seq_len], dtype=torch.long).view(n_seqs, seq_len)
+    if samples is None or samples == n_seqs:
+        return seqs
     # A seeded choice spread over the whole text (not just its start), kept in reading order.
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.randperm(n_blocks, generator=gen)[:samples].sort().values
-    return blocks[keep]
+    keep = torch.randperm(n_seqs, generator=gen)[:samples].sort().values
+    return seqs[keep]
 
 
 # --------------------------------------------------------------------------- self
 
 
+@quiet_cache_rename()
 def sample_self(
     model, tokenizer, *, samples: int, seq_len: int, seed: int = 0, batch_size: int = 16
 ) -> torch.LongTensor:
@@ -215,6 +256,7 @@ def sample_self(
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
+    cache_name = cache_kwarg(model)
     rows = []
     # Belt and braces: forward passes should not draw random numbers in eval mode, but if one does,
     # the caller's CPU RNG is left as it was (the draws themselves use the private generator).
@@ -228,8 +270,8 @@ def sample_self(
                 out = torch.full((n, seq_len), start, dtype=torch.long)
                 step_ids, cache = out[:, :1].to(device), None
                 for pos in range(1, seq_len):
-                    res = model(input_ids=step_ids, past_key_values=cache, use_cache=True)
-                    cache = res.past_key_values
+                    res = model(input_ids=step_ids, use_cache=True, **{cache_name: cache})
+                    cache = output_cache(res)
                     logits = res.logits[:, -1, :n_vocab].float().cpu()
                     out[:, pos] = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
                     step_ids = out[:, pos : pos + 1].to(device)

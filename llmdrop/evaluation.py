@@ -1,4 +1,4 @@
-"""Perplexity on text cut into non-overlapping blocks (float32 accumulation whatever the model dtype)."""
+"""Perplexity on text cut into non-overlapping token sequences (float32 accumulation whatever the model dtype)."""
 
 import math
 
@@ -9,13 +9,13 @@ from .errors import LlmdropError
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
+def perplexity(model, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     nll, predicted = 0.0, 0
-    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", unit="batch", disable=not progress):
-        batch = blocks[start : start + batch_size].to(device)
+    for start in tqdm(range(0, len(tokens), batch_size), desc="perplexity", unit="batch", disable=not progress):
+        batch = tokens[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
         targets = batch[:, 1:]
         nll += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
@@ -27,5 +27,5 @@ def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 1, progress: bo
                            f"Likely causes: corrupted weights (a damaged or truncated checkpoint file: re-download or "
                            f"re-export it) or values overflowing the dtype ({dtype}; float16 overflows easily: try "
                            f"--dtype float32 or bfloat16)")
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": predicted, "samples": len(blocks),
-            "seq_len": blocks.shape[1]}
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": predicted, "samples": len(tokens),
+            "seq_len": tokens.shape[1]}

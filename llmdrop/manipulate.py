@@ -28,6 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from .arch import Adapter, adapter_for
+from .compat import call_cache
 from .errors import LlmdropError
 
 KINDS = ("freeze", "random", "shuffle", "skip-attention", "inject")
@@ -95,8 +96,8 @@ class Manipulation:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _capture_mask(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        cache = call_cache(module, args, kwargs)
+        if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
             # a KV-cache step (e.g. model.generate) would reuse states computed before the manipulation applied
             raise LlmdropError("manipulations need full forwards without a KV cache (use_cache=False); for greedy "
                                "generation use llmdrop.probing.generate")

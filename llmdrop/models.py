@@ -2,7 +2,7 @@
 
 import importlib.util
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -165,3 +165,48 @@ def load_model(
     # model_type as loaded: in-memory drops (e.g. --iterative) later change the config's
     return LoadedModel(model, tokenizer, adapter, source or DEFAULT_MODEL, path, gguf,
                        info={"model_type": model.config.model_type})
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Which model and how to load it: what every verb of the API (and so of the CLI) takes as MODEL, beside a
+    plain name (``"smollm2-135m"``, a Hub id, a local folder, a ``.gguf`` file) or an already loaded model."""
+
+    model: str | None = None  # None: the builtin default model
+    device: str = "auto"
+    dtype: str = "auto"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model, device=self.device, dtype=self.dtype, gguf_file=self.gguf_file,
+                          trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation)
+
+
+ModelArg = str | Path | LoadSpec | LoadedModel | None
+
+
+def as_spec(model: ModelArg) -> LoadSpec | None:
+    """The LoadSpec of a model argument (None for a model that is loaded already)."""
+    if isinstance(model, LoadedModel):
+        return None
+    if isinstance(model, LoadSpec):
+        return model
+    return LoadSpec(None if model is None else str(model))
+
+
+def as_loaded(model: ModelArg, **overrides) -> LoadedModel:
+    """Load a model argument (``overrides`` replace LoadSpec fields, e.g. ``attn_implementation="eager"``); a
+    LoadedModel is returned as it is."""
+    if isinstance(model, LoadedModel):
+        return model
+    return replace(as_spec(model), **overrides).load()
+
+
+def source_of(model: ModelArg) -> tuple[str | None, str | None]:
+    """(what was asked for or loaded, GGUF file name) of a model argument, for checks before any model work."""
+    if isinstance(model, LoadedModel):
+        return model.path, model.gguf_file
+    spec = as_spec(model)
+    return spec.model, spec.gguf_file

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .api import _load
 from .files import write_json
 from .errors import LlmdropError
 from .manipulate import KINDS, PREVIOUS_TOKEN_KINDS, Manipulation, capture_layer_inputs, last_logits
-from .models import LoadedModel
+from .models import ModelArg, as_loaded
 from .plan import parse_layers
 
 PROBE_FORMAT = "llmdrop.probe/1"
@@ -55,7 +54,7 @@ def capitals() -> list[dict]:
             for r in rows]
 
 
-def load_task(task: str = "capitals", samples: int | None = None, seed: int = 0) -> list[dict]:
+def load_prompt_task(task: str = "capitals", samples: int | None = None, seed: int = 0) -> list[dict]:
     """'capitals' or a JSONL file of {"prompt": str, "answer": str}; ``samples`` picks a seeded subset."""
     if task == "capitals":
         items = capitals()
@@ -240,7 +239,7 @@ def _layers(layers, n: int) -> list[int]:
 
 
 def probe(
-    model: str | None = None,
+    model: ModelArg = None,
     *,
     manipulation: str | list[str] = "all",
     task: str = "capitals",
@@ -248,23 +247,18 @@ def probe(
     samples: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
-    device: str = "auto",
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
     out: str | None = None,
     plot: str | None = None,
-    loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> dict:
     """Task accuracy and gold log-prob with each manipulation applied from each layer, plus the baseline."""
     from tqdm.auto import tqdm
 
     kinds = _kinds(manipulation)
-    items = load_task(task, samples, seed)
+    items = load_prompt_task(task, samples, seed)
     if isinstance(layers, str):
         parse_layers(layers)  # syntax errors before loading
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    loaded = as_loaded(model)
     n = loaded.num_layers
     layer_list = _layers(layers, n)
     tok = loaded.tokenizer
@@ -354,7 +348,7 @@ def _positions(spans) -> torch.Tensor:
 
 
 def inject(
-    model: str | None = None,
+    model: ModelArg = None,
     *,
     prompt: str | None = None,
     word: str | None = None,
@@ -366,13 +360,8 @@ def inject(
     samples: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
-    device: str = "auto",
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
-    json_path: str | None = None,
+    out: str | None = None,
     plot: str | None = None,
-    loaded: LoadedModel | None = None,
     progress: bool = True,
 ) -> dict:
     """Information injection: at each layer k, the word's x^k in ``prompt`` becomes ``donor_word``'s x^k in
@@ -388,15 +377,15 @@ def inject(
     if isinstance(layers, str):
         parse_layers(layers)
     watch_list = [w.strip() for w in watch.split(",")] if isinstance(watch, str) else list(watch or [])
-    loaded = _load(model, loaded, device=device, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    loaded = as_loaded(model)
     layer_list = _layers(layers, loaded.num_layers)
     if task is not None:
         result = _inject_task(loaded, layer_list, samples=samples, seed=seed, batch_size=batch_size, progress=progress)
     else:
         result = _inject_one(loaded, layer_list, prompt, word, donor, donor_word, watch_list, batch_size, progress)
     result = {"format": INJECT_FORMAT, "model": loaded.source, "layer_numbering": LAYER_NOTE, **result}
-    if json_path:
-        write_json(result, json_path)
+    if out:
+        write_json(result, out)
     if plot:
         plot_inject(result, plot)
     return result
@@ -440,7 +429,7 @@ def _inject_task(loaded, layer_list, *, samples, seed, batch_size, progress):
     from tqdm.auto import tqdm
 
     tok = loaded.tokenizer
-    items = load_task("capitals", samples, seed)
+    items = load_prompt_task("capitals", samples, seed)
     pairs = capital_pairs(tok, items)
     if not pairs:
         raise LlmdropError("no two countries of equal token length to swap; use more --samples")
@@ -547,5 +536,5 @@ def plot_inject(result: dict, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["probe", "inject", "generate", "load_task", "capitals", "word_span", "evaluate_items", "harmless_from",
+__all__ = ["probe", "inject", "generate", "load_prompt_task", "capitals", "word_span", "evaluate_items", "harmless_from",
            "followed_until", "plot_probe", "plot_inject", "KINDS"]

@@ -377,7 +377,7 @@ def _config_home_for_gguf(model, gguf_file: str | None):
 
 
 def quantize(
-    model: str | None = None,
+    model=None,
     out: str | None = None,
     *,
     method: str,
@@ -385,31 +385,22 @@ def quantize(
     group_size: int | None = None,
     symmetric: bool | None = None,
     observer: str = "auto",
-    calib: str = "self",
-    samples: int | None = None,
-    seq_len: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    dtype: str = "auto",
-    gguf_file: str | None = None,
-    trust_remote_code: bool = False,
+    calib="self",
     overwrite: bool = False,
     verbose: bool = False,
-    loaded=None,
 ) -> dict:
     """Quantize ``model`` with GPTQ or AWQ (llm-compressor) and write a compressed-tensors checkpoint to ``out``.
 
-    ``device`` is where the weights live while quantizing and where ``self`` calibration text is sampled;
-    llm-compressor itself runs each layer on the accelerator when there is one. The model (or ``loaded``) is
-    consumed. ``symmetric`` None: the method's usual scheme (GPTQ symmetric, AWQ with zero points). ``group_size``
+    ``model`` is a name, a ``LoadSpec`` or a loaded model (consumed); its device is where the weights live while
+    quantizing and where ``self`` calibration text is sampled; llm-compressor itself runs each layer on the
+    accelerator when there is one. ``calib``: a source string or a ``CalibSpec``. ``symmetric`` None: the method's usual scheme (GPTQ symmetric, AWQ with zero points). ``group_size``
     None: the largest of 128, 64, 32 that divides every quantized layer's input. Returns a summary: out, method,
     bits, group_size (and group_size_auto), scheme, quantized_modules, calibration, seconds, weights_bytes.
     """
-    from .api import calibration_defaults, check_sizes
-    from .files import check_writable_parent
-    from .data import calibration_blocks
-    from .export import _replace_dir, _strip_gguf_quantization, check_output_dir
-    from .models import is_llmdrop_export, load_model
+    from .data import CalibSpec
+    from .export import _strip_gguf_quantization
+    from .files import atomic_dir, check_output_dir, check_writable_parent
+    from .models import as_loaded, as_spec, is_llmdrop_export, source_of
 
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
@@ -422,17 +413,16 @@ def quantize(
         raise LlmdropError(f"--group-size must be a whole number >= 1, got {group_size!r}")
     observer = resolve_observer(observer, method)
     out = Path(out)
-    check_output_dir(out, overwrite)  # before the slow part
+    check_output_dir(out, overwrite, inputs=[source_of(model)[0]])  # before the slow part
     check_writable_parent(out)
-    check_sizes(samples=samples, seq_len=seq_len)
+    calib = CalibSpec.of(calib)
     import_llmcompressor(verbose)
     from datasets import Dataset
     from llmcompressor import oneshot
 
     started = time.perf_counter()
-    if loaded is None:
-        loaded = load_model(model, device=device, dtype=dtype, gguf_file=gguf_file,
-                            trust_remote_code=trust_remote_code)
+    spec = as_spec(model)
+    loaded = as_loaded(model)
     net = loaded.model
     source_dir = Path(loaded.path) if Path(loaded.path).is_dir() and not loaded.gguf_file else None
     if loaded.gguf_file:
@@ -444,23 +434,19 @@ def quantize(
     inputs = linear_inputs(net)
     n_linear, group_size_auto = len(inputs), group_size is None
     group_size = choose_group_size(inputs, group_size)
-    trust = trust_remote_code or is_llmdrop_export(loaded.path)
+    trust = bool(spec and spec.trust_remote_code) or is_llmdrop_export(loaded.path)
 
-    samples, seq_len = calibration_defaults(calib, samples, seq_len)
-    blocks = calibration_blocks(calib, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, model=net)
-    dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
+    tokens = calib.tokens(loaded.tokenizer, net)
+    dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.llmdrop-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted run
-    try:
+    with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
         with compressor_logging(verbose), _config_home_for_gguf(net, loaded.gguf_file), \
                 no_pin_memory_without_accelerator(), torch.random.fork_rng(devices=[]):
             recipe, symmetric = recipe_for(method, bits, group_size, net, symmetric, observer)  # imports log too
-            torch.manual_seed(seed)
+            torch.manual_seed(calib.seed)
             oneshot(model=net, processor=loaded.tokenizer, dataset=dataset, recipe=recipe,
-                    num_calibration_samples=len(blocks), max_seq_length=seq_len, shuffle_calibration_samples=False,
+                    num_calibration_samples=len(tokens), max_seq_length=calib.seq_len, shuffle_calibration_samples=False,
                     trust_remote_code_model=trust)
             with warnings.catch_warnings():  # transformers' note about saving offloaded modules: they are on the CPU
                 warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
@@ -475,8 +461,7 @@ def quantize(
             "symmetric": symmetric,
             "scheme": scheme_name(bits, symmetric), "observer": observer, "format": qconfig.get("format"), "targets": ["Linear"],
             "ignore": IGNORE, "quantized_modules": n_linear, "dtype": dtype_name,
-            "calibration": {"source": calib, "samples": samples, "seq_len": seq_len, "seed": seed,
-                            "tokens": blocks.numel()},
+            "calibration": calib.record(tokens),
             "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file},
             "device": compute_device(),
             "seconds": round(seconds, 1),
@@ -499,10 +484,6 @@ def quantize(
         (tmp / "llmdrop.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(quantized_card(record, source_record=source_record, remote_code=remote_code))
         weights = _weights_bytes(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "method": method, "bits": bits, "group_size": group_size,
             "group_size_auto": group_size_auto, "scheme": q["scheme"],
             "observer": observer,
@@ -512,7 +493,9 @@ def quantize(
 
 def _finish_folder(tmp: Path, loaded, source_dir: Path | None) -> None:
     """Tokenizer, generation config and (for remote-code sources) the modeling files and auto_map."""
-    loaded.tokenizer.save_pretrained(tmp)
+    from .export import save_tokenizer
+
+    save_tokenizer(loaded.tokenizer, tmp)
     if source_dir and (source_dir / "generation_config.json").is_file():
         shutil.copy(source_dir / "generation_config.json", tmp / "generation_config.json")
     elif not (tmp / "generation_config.json").exists() and getattr(loaded.model, "generation_config", None):

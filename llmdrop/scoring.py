@@ -85,11 +85,12 @@ class _Similarity:
 
 
 @torch.no_grad()
-def compute_importance(model, adapter, blocks: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1,
+def compute_importance(model, adapter, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1,
                        progress: bool = True) -> dict:
     """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers."""
     if metric not in METRICS:
         raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
+    adapter.check_layout(model)
     layers = adapter.layer_list(model)
     stats = _Similarity(len(layers), metric)
     state = {}  # layer -> (h0, h1) of the batch in flight
@@ -118,8 +119,8 @@ def compute_importance(model, adapter, blocks: torch.Tensor, *, metric: str = "c
 
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(blocks), batch_size), desc="scoring", unit="batch", disable=not progress):
-            batch = blocks[start : start + batch_size].to(device)
+        for start in tqdm(range(0, len(tokens), batch_size), desc="scoring", unit="batch", disable=not progress):
+            batch = tokens[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no [B, T, vocab] logits
             stats.tokens += batch.numel()
     finally:

@@ -24,17 +24,17 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     console.rule("1/3 load SmolLM2-135M (GGUF, dequantized) and score it")
     loaded = load_model()
-    scores = llmdrop.score(loaded=loaded, out=OUT / "scores.json", plot=OUT / "scores.png")
+    scores = llmdrop.score(loaded, out=OUT / "scores.json", plot=OUT / "scores.png")
     console.print(scores_table(scores))
 
     console.rule("2/3 drop and export")
-    base = llmdrop.evaluate(loaded=loaded)
+    base = llmdrop.evaluate(loaded)
     exports = {}
     for kind in ("attn", "mlp", "blocks"):
         # the export consumes the model it is given: give it a copy, keep the original for the next one
         clone = copy.copy(loaded)
         clone.model = copy.deepcopy(loaded.model)
-        path, plan = llmdrop.drop(loaded=clone, out=OUT / f"smollm2-135m-drop{N}{kind}", scores=scores,
+        path, plan = llmdrop.drop(clone, out=OUT / f"smollm2-135m-drop{N}{kind}", scores=scores,
                                   overwrite=True, **{kind: N})
         exports[kind] = (path, plan)
         console.print(f"{kind}: dropped source layers {plan.attn or plan.mlp or plan.blocks} -> {path}")

@@ -219,7 +219,7 @@ def test_export_equals_in_memory(tmp_path, arch, attn_layers):
     act.enable(ref, HEADS, BETA, TAU)
     with torch.no_grad():
         expect = ref.model(x).logits
-    out = act.apply(heads=str(heads), out=tmp_path / "out", attn_layers=attn_layers, loaded=tiny_loaded(arch))
+    out = act.act_apply(tiny_loaded(arch), heads=str(heads), out=tmp_path / "out", attn_layers=attn_layers)
     config = json.loads((out / "config.json").read_text())
     assert config["attention_calibration"] == {"heads": HEADS, "beta": BETA, "threshold": TAU}
     assert config["model_type"] == f"llmdrop_{arch}"
@@ -245,7 +245,7 @@ def test_apply_on_a_drop_export_keeps_its_drops(tmp_path):
 
     export(tiny_loaded(), DropPlan(4, attn=[0], mlp=[3]), tmp_path / "drop")
     heads = write_heads(tmp_path / "heads.json")
-    out = act.apply(str(tmp_path / "drop"), heads=str(heads), out=tmp_path / "out")
+    out = act.act_apply(str(tmp_path / "drop"), heads=str(heads), out=tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert (config["drop_attn_list"], config["drop_mlp_list"]) == ([0], [3])
     ref = load_model(str(tmp_path / "drop"), device="cpu")
@@ -270,7 +270,7 @@ def test_apply_on_a_drop_export_keeps_its_drops(tmp_path):
 def test_apply_refuses_calibrating_a_dropped_attention(tmp_path):
     heads = write_heads(tmp_path / "heads.json")
     with pytest.raises(LlmdropError, match="layer 1 has a calibrated head but its attention is dropped"):
-        act.apply(heads=str(heads), out=tmp_path / "out", attn_layers="1", loaded=tiny_loaded())
+        act.act_apply(tiny_loaded(), heads=str(heads), out=tmp_path / "out", attn_layers="1")
     assert not (tmp_path / "out").exists()
 
 
@@ -290,7 +290,7 @@ def write_task(path, n=12, seed=0):
 
 
 def test_split_is_seeded_and_disjoint(tmp_path):
-    items = act.load_task(write_task(tmp_path / "t.jsonl", n=20))
+    items = act.load_mc_task(write_task(tmp_path / "t.jsonl", n=20))
     cal, held = act.split_task(items, 0.4, seed=1)
     assert (len(cal), len(held)) == (8, 12)
     assert not set(cal) & set(held) and set(cal) | set(held) == set(items)
@@ -299,7 +299,7 @@ def test_split_is_seeded_and_disjoint(tmp_path):
 
 
 def test_scorer_matches_full_forward_logprobs(tmp_path):
-    items = act.load_task(write_task(tmp_path / "t.jsonl", n=6))
+    items = act.load_mc_task(write_task(tmp_path / "t.jsonl", n=6))
     loaded = tiny_loaded()
     tok = loaded.tokenizer
     scores = act.MultipleChoiceScorer(tok, items, batch_size=3).choice_logprobs(loaded.model)
@@ -313,7 +313,7 @@ def test_scorer_matches_full_forward_logprobs(tmp_path):
 
 
 def test_replay_gives_the_same_scores(tmp_path):
-    items = act.load_task(write_task(tmp_path / "t.jsonl", n=8))
+    items = act.load_mc_task(write_task(tmp_path / "t.jsonl", n=8))
     loaded = tiny_loaded(layers=4)
     scorer = act.MultipleChoiceScorer(loaded.tokenizer, items, batch_size=3)
     scorer.choice_logprobs(loaded.model, record=True)
@@ -329,7 +329,7 @@ def test_search_writes_heads_and_resumes(tmp_path, monkeypatch):
     task = write_task(tmp_path / "t.jsonl", n=16)
     out = tmp_path / "heads.json"
     loaded = tiny_loaded(layers=3)
-    first = act.search(task=task, out=out, layers="1-2", loaded=loaded, progress=False)
+    first = act.act_search(loaded, task=task, out=out, layers="1-2", progress=False)
     data = json.loads(out.read_text())
     assert data["format"] == act.FORMAT and data["beta"] == BETA and data["threshold"] == TAU
     assert sorted(data["per_head"]) == [f"{l},{h}" for l in (1, 2) for h in range(4)]
@@ -346,19 +346,19 @@ def test_search_writes_heads_and_resumes(tmp_path, monkeypatch):
         return real(loaded_, heads, *a)
 
     monkeypatch.setattr(act, "calibrated", counting)
-    second = act.search(task=task, out=out, layers="1-2", loaded=loaded, progress=False)
+    second = act.act_search(loaded, task=task, out=out, layers="1-2", progress=False)
     assert calls[:2] == [[[1, 0]], [[2, 3]]]
     assert second["per_head"] == first["per_head"]
     with pytest.raises(LlmdropError, match="other settings \\(beta\\)"):
-        act.search(task=task, out=out, beta=0.5, layers="1-2", loaded=loaded, progress=False)
+        act.act_search(loaded, task=task, out=out, beta=0.5, layers="1-2", progress=False)
 
 
 def test_eval_reports_baseline_and_calibrated(tmp_path):
     task = write_task(tmp_path / "t.jsonl", n=16)
     loaded = tiny_loaded()
     heads = write_heads(tmp_path / "heads.json")
-    r = act.evaluate(task=task, heads=str(heads), loaded=loaded)
-    held = act.split_task(act.load_task(task), 0.5, 0)[1]
+    r = act.act_eval(loaded, task=task, heads=str(heads))
+    held = act.split_task(act.load_mc_task(task), 0.5, 0)[1]
     scorer = act.MultipleChoiceScorer(loaded.tokenizer, held)
     assert r["items"] == len(held) == 8
     assert r["baseline"] == scorer.accuracy(loaded.model)[0]
@@ -380,7 +380,7 @@ def test_bad_task_lines(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "choices": ["x", "y"], "label": 2}\n')
     with pytest.raises(LlmdropError, match=r"bad.jsonl:1: label must be an index into choices \(0-1\)"):
-        act.load_task(bad)
+        act.load_mc_task(bad)
     (tmp_path / "h.json").write_text('{"format": "other"}')
     with pytest.raises(LlmdropError, match="not an llmdrop heads file"):
         act.load_heads(tmp_path / "h.json")

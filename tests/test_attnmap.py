@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.models import LoadedModel
+from llmdrop.models import LoadSpec, LoadedModel
 from llmdrop.modeling.configuration_llmdrop import kept_attention_layers
 from llmdrop.surgery import drop_sublayers
 from tiny_models import ARCHS, tiny_model, tiny_tokenizer
@@ -113,20 +113,19 @@ def test_png_file_names_and_atomic_output(tmp_path):
     tok.eos_token = None
     out = tmp_path / "maps"
     # 12 prompt tokens, window 8, stride 2: T = 12, 13, 14 -> 3, 4, 4 windows
-    r = am.attnmap(prompt=PROMPT, out=str(out), max_new_tokens=3, formats="png", window=8, stride=2,
-                   loaded=loaded(model, tok), progress=False)
+    r = am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(out), max_new_tokens=3, formats="png", window=8, stride=2, progress=False)
     expected = {f"attn_{i}_{j}.png" for i, n in enumerate((3, 4, 4)) for j in range(n)}
     assert set(r["files"]) == expected and {p.name for p in out.iterdir()} == expected
     assert set(am.png_names(r["capture"], 8, 2)) == expected
     assert all((out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in expected)
-    assert not list(tmp_path.glob(".*tmp"))  # the temporary sibling is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["maps"]  # the temporary sibling is gone
     with pytest.raises(LlmdropError, match="already exists"):
-        am.attnmap(prompt=PROMPT, out=str(out), loaded=loaded(model, tok))
-    r = am.attnmap(prompt=PROMPT, out=str(out), max_new_tokens=3, formats="png", window=8, stride=2,
-                   all_windows=False, overwrite=True, loaded=loaded(model, tok), progress=False)
+        am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(out))
+    r = am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(out), max_new_tokens=3, formats="png", window=8, stride=2,
+                   all_windows=False, overwrite=True, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["attn_0_2.png", "attn_1_3.png", "attn_2_3.png"]
     with pytest.raises(LlmdropError, match="--format"):
-        am.attnmap(prompt=PROMPT, out=str(tmp_path / "x"), formats="svg", loaded=loaded(model, tok))
+        am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(tmp_path / "x"), formats="svg")
 
 
 def test_dropped_attention_layers():
@@ -222,8 +221,7 @@ def test_smollm2_gguf_end_to_end(tmp_path):
 
     lm = load_model("smollm2-135m", device="cpu")
     lm.model.set_attn_implementation("sdpa")
-    r = am.attnmap(prompt="The capital of France is", out=str(tmp_path / "o"), formats="html", max_new_tokens=2,
-                   loaded=lm, progress=False)
+    r = am.attnmap(lm, prompt="The capital of France is", out=str(tmp_path / "o"), formats="html", max_new_tokens=2, progress=False)
     assert lm.model.config._attn_implementation == "sdpa"  # restored after the capture run
     cap = r["capture"]
     assert (cap.num_layers, cap.num_heads, cap.steps) == (30, 9, 2)
@@ -244,8 +242,8 @@ def test_exported_checkpoint_with_dropped_attention(tmp_path):
 
     model = tiny_model("qwen3", num_layers=4)
     export(loaded(model), DropPlan(4, attn=[0, 2]), tmp_path / "exp")  # layer 0 too: the first cache layer moves
-    r = am.attnmap(str(tmp_path / "exp"), prompt=PROMPT, out=str(tmp_path / "o"), max_new_tokens=2, device="cpu",
-                   progress=False)
+    r = am.attnmap(LoadSpec(str(tmp_path / "exp"), device="cpu"), prompt=PROMPT, out=str(tmp_path / "o"),
+                   max_new_tokens=2, progress=False)
     cap = r["capture"]
     assert r["dropped_attn"] == [0, 2] and cap.info["model_type"] == "llmdrop_qwen3"
     for step in cap.attn:

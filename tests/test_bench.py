@@ -19,6 +19,7 @@ from llmdrop.bench import (FORMAT, BenchModel, bench, build_random, decode_bytes
                            make_prompt, parse_variant, prefill_flops, run_benchmark, run_once, shape_config,
                            weight_bytes_per_step)
 from llmdrop.cli import app
+from llmdrop.compat import call_cache
 from llmdrop.errors import LlmdropError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def report(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         path = tmp_path_factory.mktemp("bench") / "bench.json"
-        result = bench(VARIANTS, json_out=str(path), **TINY)
+        result = bench(VARIANTS, out=str(path), **TINY)
         return result, json.loads(path.read_text())
     finally:
         torch.set_num_threads(n)
@@ -79,7 +80,7 @@ def test_decode_feeds_the_cache_back():
         calls = []
 
         def record(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = call_cache(module, args, kwargs)
             calls.append((kwargs["input_ids"].shape, None if cache is None else cache.get_seq_length()))
 
         handle = model.register_forward_pre_hook(record, with_kwargs=True)
@@ -160,7 +161,7 @@ def test_cli_writes_json_plot_markdown(tmp_path):
     out = tmp_path / "b.json"
     args = ["bench", "--random-weights", "tiny", "base", "mlp:1+attn:3-3", "--prompt-lens", "8,16", "--gen-len", "2",
             "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-memory",
-            "--json", str(out), "--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")]
+            "--out", str(out), "--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
@@ -231,7 +232,7 @@ def test_bad_inputs(tmp_path):
 def test_script_is_the_cli():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_speed.py"), "--random-weights", "tiny",
                            "base", "attn:1", "--prompt-lens", "4", "--gen-len", "2", "--batch-sizes", "1",
-                           "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-memory", "--json", "-"],
+                           "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-memory", "--json"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)

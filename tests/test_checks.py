@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import llmdrop.api
+import llmdrop.models
 from llmdrop.api import drop
 from llmdrop.arch import adapter_for
 from llmdrop.card import save_eval_result
@@ -37,7 +38,7 @@ def tiny(tmp_path_factory) -> Path:
 def no_model_work(monkeypatch):
     """Record any model load or scoring pass: the refusals below must come before both."""
     calls = []
-    monkeypatch.setattr(llmdrop.api, "load_model", lambda *a, **k: calls.append("load"))
+    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
     monkeypatch.setattr(llmdrop.api, "compute_importance", lambda *a, **k: calls.append("score"))
     return calls
 
@@ -129,7 +130,7 @@ def test_counts_of_a_source_without_config_are_checked_before_scoring(tiny, tmp_
     model = tiny_model("llama", N)
     loaded = LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "org/name", "org/name")
     monkeypatch.setattr(llmdrop.api, "source_num_layers", lambda *a: None)
-    monkeypatch.setattr(llmdrop.api, "load_model", lambda *a, **k: calls.append("load") or loaded)
+    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load") or loaded)
     monkeypatch.setattr(llmdrop.api, "compute_importance", lambda *a, **k: calls.append("score"))
     with pytest.raises(LlmdropError) as e:
         drop("org/name", tmp_path / "out", attn=999)

@@ -1,6 +1,8 @@
 """The CLI end to end on a tiny random Llama saved to disk: score -> drop -> eval, and bad inputs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from typer.testing import CliRunner
 
 from llmdrop.cli import app
 from llmdrop.evaluation import perplexity
-from llmdrop.data import blocks_from_texts, load_texts
+from llmdrop.data import tokens_from_texts, load_texts
 from llmdrop.scoring import compute_importance
 from llmdrop.arch import adapter_for
 from llmdrop.surgery import drop_sublayers
@@ -62,7 +64,7 @@ def test_drop_with_scores_then_eval_matches_identity_reference(workdir):
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert result["tokens"] == result["samples"] * 63
-    blocks = blocks_from_texts(load_texts(workdir / "text.txt"), tiny_tokenizer(), samples=None, seq_len=64)
+    blocks = tokens_from_texts(load_texts(workdir / "text.txt"), tiny_tokenizer(), samples=None, seq_len=64)
     with identity_hooks(tiny_model("llama", num_layers=6), attn=expected) as reference:
         assert result["perplexity"] == pytest.approx(perplexity(reference, blocks, progress=False)["perplexity"], rel=1e-5)
 
@@ -84,7 +86,7 @@ def test_iterative_rescores_after_each_drop(workdir):
     assert r.exit_code == 0, r.output
     model = tiny_model("llama", num_layers=6)
     adapter = adapter_for(model.config)
-    blocks = blocks_from_texts(load_texts(workdir / "text.txt"), tiny_tokenizer(), samples=8, seq_len=32)
+    blocks = tokens_from_texts(load_texts(workdir / "text.txt"), tiny_tokenizer(), samples=8, seq_len=32)
     imp = compute_importance(model, adapter, blocks, progress=False)["attn"]
     first = min(range(6), key=lambda i: imp[i])
     drop_sublayers(model, adapter, attn=[first])
@@ -115,7 +117,7 @@ def gpt2_dir(tmp_path_factory):
         (["drop", "{tiny}", "-o", "{tmp}/x", "--attn-layers", "1,x"], "bad layer list '1,x'"),
         (["drop", "{tiny}", "-o", "{tmp}/x", "--attn-layers", "6"], "layer 6 is out of range: the model has layers 0-5"),
         (["drop", "{tiny}", "-o", "{tmp}/x", "--attn", 7, "--scores", "{tmp}/s.json"], "cannot drop 7 attention"),
-        (["drop", "{tiny}", "-o", "{tiny}", "--attn", 1], "already exists; pass --overwrite"),
+        (["drop", "{tiny}", "-o", "{tiny}", "--attn", 1], "would overwrite the input"),
         (["drop", "{tiny}", "--attn", 1], "give an output directory"),
         (["drop", "{tiny}", "-o", "{tmp}/x"], "nothing to drop"),
         (["score", "{tmp}/nope"], "no such directory: "),
@@ -133,3 +135,39 @@ def test_bad_inputs_give_one_error_line(workdir, gpt2_dir, args, message):
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
     assert errors == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], r.stderr
     assert not (workdir / "x").exists()
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`llmdrop --help` and `llmdrop VERB --help` must be instant: the heavy imports wait for a command that runs."""
+    code = ("import sys; from typer.testing import CliRunner; from llmdrop.cli import app; "
+            "codes = [CliRunner().invoke(app, args).exit_code for args in (['--help'], ['drop', '--help'], "
+            "['act', 'search', '--help'])]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[0, 0, 0] []"
+
+
+def test_debug_is_one_global_option(workdir, monkeypatch):
+    from llmdrop import cli
+    from llmdrop.errors import LlmdropError
+
+    monkeypatch.setitem(cli._state, "debug", False)
+    r = invoke("score", workdir / "nope")
+    assert r.exit_code == 1 and r.stderr.startswith("error: no such directory")
+    r = invoke("--debug", "score", workdir / "nope")
+    assert isinstance(r.exception, LlmdropError)  # raised, with its traceback, instead of the one line
+
+
+def test_every_model_command_takes_the_load_options():
+    from typer.main import get_command
+
+    group = get_command(app)
+    commands = {name: cmd for name, cmd in group.commands.items()}
+    commands.update({f"act {n}": c for n, c in commands.pop("act").commands.items()})
+    loading = {name for name, cmd in commands.items() if any(p.name == "gguf_file" for p in cmd.params)}
+    assert loading == {"score", "drop", "eval", "quantize", "bench", "probe", "inject", "act search", "act eval",
+                       "act apply", "attnmap"}
+    assert all(not any(p.name == "debug" for p in cmd.params) for cmd in commands.values())
+    json_flags = {name for name, cmd in commands.items() for p in cmd.params if "--json" in p.opts}
+    assert all(p.is_flag for cmd in commands.values() for p in cmd.params if "--json" in p.opts)
+    assert json_flags == set(commands)  # --json: machine output on stdout, in every command

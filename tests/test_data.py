@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from llmdrop.data import blocks_from_texts, calibration_blocks, hf_texts, load_texts, sample_self
+from llmdrop.data import tokens_from_texts, calibration_tokens, hf_texts, load_texts, sample_self
 from llmdrop.errors import LlmdropError
 
 EOS = 2
@@ -191,19 +191,19 @@ def test_hf_without_text_column(monkeypatch):
         hf_texts("hf:org/qa:default:test")
 
 
-def test_calibration_blocks_from_hf(monkeypatch, tiny_tokenizer):
+def test_calibration_tokens_from_hf(monkeypatch, tiny_tokenizer):
     fake_datasets(monkeypatch, rows=["the river ran .", "a city"])
-    blocks = calibration_blocks("hf:x", tiny_tokenizer, samples=1, seq_len=7)
+    blocks = calibration_tokens("hf:x", tiny_tokenizer, samples=1, seq_len=7)
     assert blocks.tolist() == [THE_RIVER_RAN + [EOS] + A_CITY]
 
 
-# --------------------------------------------------------------------------- blocks_from_texts
+# --------------------------------------------------------------------------- tokens_from_texts
 
 
 def test_blocks_join_with_eos_without_special_tokens(tiny_tokenizer):
     # The tokenizer's template would prepend <s>=1; calibration text must not contain it.
     assert tiny_tokenizer("a city")["input_ids"][0] == 1
-    blocks = blocks_from_texts(["the river ran .", "", "a city"], tiny_tokenizer, samples=None, seq_len=3)
+    blocks = tokens_from_texts(["the river ran .", "", "a city"], tiny_tokenizer, samples=None, seq_len=3)
     assert blocks.dtype == torch.long
     # 4 + EOS + 2 = 7 tokens -> two blocks of 3, the tail token dropped; the empty text adds no extra EOS.
     assert blocks.tolist() == [[3, 5, 9], [33, EOS, 4]]
@@ -212,19 +212,19 @@ def test_blocks_join_with_eos_without_special_tokens(tiny_tokenizer):
 def test_blocks_without_eos_join_directly(tiny_tokenizer):
     no_eos = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, unk_token="<unk>")
     assert no_eos.eos_token_id is None
-    blocks = blocks_from_texts(["the river ran .", "a city"], no_eos, samples=None, seq_len=6)
+    blocks = tokens_from_texts(["the river ran .", "a city"], no_eos, samples=None, seq_len=6)
     assert blocks.tolist() == [THE_RIVER_RAN + A_CITY]
 
 
 def test_seeded_selection_keeps_order_and_is_deterministic(tiny_tokenizer):
     # 12 texts of 2 tokens + 11 EOS = 35 tokens -> 17 blocks of 2.
     texts = ["a city"] * 12
-    all_blocks = blocks_from_texts(texts, tiny_tokenizer, samples=None, seq_len=2)
+    all_blocks = tokens_from_texts(texts, tiny_tokenizer, samples=None, seq_len=2)
     assert all_blocks.shape == (17, 2)
 
-    picked = blocks_from_texts(texts, tiny_tokenizer, samples=5, seq_len=2, seed=3)
-    again = blocks_from_texts(texts, tiny_tokenizer, samples=5, seq_len=2, seed=3)
-    other = blocks_from_texts(texts, tiny_tokenizer, samples=5, seq_len=2, seed=4)
+    picked = tokens_from_texts(texts, tiny_tokenizer, samples=5, seq_len=2, seed=3)
+    again = tokens_from_texts(texts, tiny_tokenizer, samples=5, seq_len=2, seed=3)
+    other = tokens_from_texts(texts, tiny_tokenizer, samples=5, seq_len=2, seed=4)
     assert picked.shape == (5, 2) and torch.equal(picked, again) and not torch.equal(picked, other)
 
     expected_rows = torch.randperm(17, generator=torch.Generator().manual_seed(3))[:5].sort().values
@@ -235,20 +235,20 @@ def test_distinct_blocks_are_picked_in_text_order(tiny_tokenizer):
     # Every block is unique ([k, k+1] pairs of ids), so order and distinctness are visible.
     vocab = tiny_tokenizer.get_vocab()
     words = " ".join(sorted(vocab, key=vocab.get)[3:])  # all 36 ordinary words, ids 3..38
-    blocks = blocks_from_texts([words], tiny_tokenizer, samples=6, seq_len=2, seed=0)
+    blocks = tokens_from_texts([words], tiny_tokenizer, samples=6, seq_len=2, seed=0)
     firsts = blocks[:, 0].tolist()
     assert firsts == sorted(set(firsts)) and len(firsts) == 6
     assert all(b[1] == b[0] + 1 for b in blocks.tolist())
 
 
 def test_exact_number_of_blocks_returns_all(tiny_tokenizer):
-    blocks = blocks_from_texts(["the river ran ."], tiny_tokenizer, samples=2, seq_len=2, seed=9)
+    blocks = tokens_from_texts(["the river ran ."], tiny_tokenizer, samples=2, seq_len=2, seed=9)
     assert blocks.tolist() == [[3, 5], [9, 33]]
 
 
 def test_too_little_text(tiny_tokenizer):
     with pytest.raises(LlmdropError) as info:
-        blocks_from_texts(["the river ran ."] * 300, tiny_tokenizer, samples=16, seq_len=128)
+        tokens_from_texts(["the river ran ."] * 300, tiny_tokenizer, samples=16, seq_len=128)
     assert str(info.value) == (
         "calibration text has 1,499 tokens; 16 x 128 = 2,048 are needed "
         "(lower --samples or --seq-len, or give more text)"
@@ -257,34 +257,34 @@ def test_too_little_text(tiny_tokenizer):
 
 def test_too_little_text_names_its_purpose(tiny_tokenizer):
     with pytest.raises(LlmdropError) as e:
-        blocks_from_texts(["the river ran ."], tiny_tokenizer, samples=None, seq_len=8, purpose="evaluation")
+        tokens_from_texts(["the river ran ."], tiny_tokenizer, samples=None, seq_len=8, purpose="evaluation")
     assert str(e.value) == ("evaluation text has 4 tokens; 1 x 8 = 8 are needed (lower --samples or --seq-len, "
                             "or give more text)")
 
 
 def test_too_little_text_for_one_block(tiny_tokenizer):
     with pytest.raises(LlmdropError, match="has 2 tokens; 1 x 3 = 3 are needed"):
-        blocks_from_texts(["a city"], tiny_tokenizer, samples=None, seq_len=3)
+        tokens_from_texts(["a city"], tiny_tokenizer, samples=None, seq_len=3)
 
 
-# --------------------------------------------------------------------------- calibration_blocks
+# --------------------------------------------------------------------------- calibration_tokens
 
 
-def test_calibration_blocks_from_file(tmp_path, tiny_tokenizer):
+def test_calibration_tokens_from_file(tmp_path, tiny_tokenizer):
     f = tmp_path / "a.jsonl"
     f.write_text('{"text": "the river ran ."}\n{"text": "a city"}\n', encoding="utf-8")
-    assert calibration_blocks(str(f), tiny_tokenizer, samples=2, seq_len=3).tolist() == [[3, 5, 9], [33, EOS, 4]]
+    assert calibration_tokens(str(f), tiny_tokenizer, samples=2, seq_len=3).tolist() == [[3, 5, 9], [33, EOS, 4]]
 
 
 @pytest.mark.parametrize("samples, seq_len, match", [(0, 8, "--samples"), (2, 1, "--seq-len")])
-def test_calibration_blocks_validates_sizes(tiny_tokenizer, samples, seq_len, match):
+def test_calibration_tokens_validates_sizes(tiny_tokenizer, samples, seq_len, match):
     with pytest.raises(LlmdropError, match=match):
-        calibration_blocks("self", tiny_tokenizer, samples=samples, seq_len=seq_len)
+        calibration_tokens("self", tiny_tokenizer, samples=samples, seq_len=seq_len)
 
 
 def test_self_needs_a_model(tiny_tokenizer):
     with pytest.raises(LlmdropError, match="no model was given"):
-        calibration_blocks("self", tiny_tokenizer, samples=2, seq_len=8)
+        calibration_tokens("self", tiny_tokenizer, samples=2, seq_len=8)
 
 
 # --------------------------------------------------------------------------- sample_self
@@ -297,7 +297,7 @@ def test_sample_self_shape_bos_determinism(tiny_llama, tiny_tokenizer):
     assert torch.equal(torch.get_rng_state(), rng_before), "the caller's RNG state must not change"
 
     torch.manual_seed(456)  # a different global state must not matter
-    b = calibration_blocks("self", tiny_tokenizer, samples=5, seq_len=12, seed=0, model=tiny_llama)
+    b = calibration_tokens("self", tiny_tokenizer, samples=5, seq_len=12, seed=0, model=tiny_llama)
     c = sample_self(tiny_llama, tiny_tokenizer, samples=5, seq_len=12, seed=1, batch_size=2)
 
     assert a.shape == (5, 12) and a.dtype == torch.long and a.device.type == "cpu"

