@@ -8,7 +8,7 @@ QPY   := $(QVENV)/bin/python
 # CPU build of torch (a wheel on this project's machines). On a GPU box: make TORCH=torch
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,7 +32,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed $(QVENV)/.installed
+lint: $(VENV)/.installed
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: $(VENV)/.installed $(QVENV)/.installed lint
 	$(PY) -m pytest -q
 	# the fast suite again on the transformers llm-compressor pins (5.17), so CI covers an older 5.x as well as
 	# the newest the pin allows (.venv); then the slow quantize tests (they skip above)

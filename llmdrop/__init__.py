@@ -10,11 +10,24 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "score": "api", "drop": "api", "evaluate": "api", "bench": "api", "attnmap": "api", "probe": "api",
-    "inject": "api", "quantize": "api", "push": "api", "act_search": "api", "act_eval": "api", "act_apply": "api",
-    "LoadSpec": "api", "CalibSpec": "api",
+    "score": "api",
+    "drop": "api",
+    "evaluate": "api",
+    "bench": "api",
+    "attnmap": "api",
+    "probe": "api",
+    "inject": "api",
+    "quantize": "api",
+    "push": "api",
+    "act_search": "api",
+    "act_eval": "api",
+    "act_apply": "api",
+    "LoadSpec": "api",
+    "CalibSpec": "api",
     "LlmdropError": "errors",
-    "manipulation": "manipulate", "Manipulation": "manipulate", "capture_layer_inputs": "manipulate",
+    "manipulation": "manipulate",
+    "Manipulation": "manipulate",
+    "capture_layer_inputs": "manipulate",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import write_json
+from .arch import adapter_for
 from .errors import LlmdropError
+from .files import write_json
 from .modeling.attention_calibration import (
     DEFAULT_BETA,
     DEFAULT_THRESHOLD,
@@ -59,9 +60,15 @@ def load_mc_task(path) -> list[Item]:
             prompt, choices, label = row["prompt"], row["choices"], row["label"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise LlmdropError(f"{path}:{n}: expected a JSON object with prompt, choices and label") from None
-        if not (isinstance(prompt, str) and isinstance(choices, list) and len(choices) >= 2
-                and all(isinstance(c, str) and c for c in choices)):
-            raise LlmdropError(f"{path}:{n}: prompt must be a string and choices a list of at least 2 non-empty strings")
+        if not (
+            isinstance(prompt, str)
+            and isinstance(choices, list)
+            and len(choices) >= 2
+            and all(isinstance(c, str) and c for c in choices)
+        ):
+            raise LlmdropError(
+                f"{path}:{n}: prompt must be a string and choices a list of at least 2 non-empty strings"
+            )
         if not (isinstance(label, int) and 0 <= label < len(choices)):
             raise LlmdropError(f"{path}:{n}: label must be an index into choices (0-{len(choices) - 1})")
         items.append(Item(prompt, tuple(choices), label))
@@ -124,33 +131,35 @@ class MultipleChoiceScorer:
         order = sorted(range(len(self.rows)), key=lambda r: (len(self.rows[r]), r))  # similar lengths together
         self.batches = []
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             width = max(len(self.rows[r]) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, r in enumerate(rows):  # right padding: real tokens never see the pads
-                ids[j, :len(self.rows[r])] = torch.tensor(self.rows[r])
-                mask[j, :len(self.rows[r])] = 1
+                ids[j, : len(self.rows[r])] = torch.tensor(self.rows[r])
+                mask[j, : len(self.rows[r])] = 1
             where = {r: j for j, r in enumerate(rows)}
             targets = [(where[t[0]], *t[1:]) for t in self.targets if t[0] in where]
             self.batches.append((ids, mask, targets))
         self.recorded = None
 
     @torch.no_grad()
-    def choice_logprobs(self, model, *, record: bool = False, replay_from: int | None = None,
-                        layers_path: str = "model.layers") -> list[list[float]]:
+    def choice_logprobs(
+        self, model, *, record: bool = False, replay_from: int | None = None, layers_path: str = "model.layers"
+    ) -> list[list[float]]:
         """log p(choice | prompt) per item and choice (summed or mean over the choice's tokens)."""
         device = next(model.parameters()).device
         layers = model.get_submodule(layers_path)
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
+        decoder, adapter = model.get_decoder(), adapter_for(model.config)
         totals = [[0.0] * len(it.choices) for it in self.items]
         counts = [[0] * len(it.choices) for it in self.items]
         hooks, saved = [], {}
         if record:
             self.recorded = [[] for _ in layers]
-            hooks = [layer.register_forward_hook(lambda m, a, out, i=i: self.recorded[i].append(out))
-                     for i, layer in enumerate(layers)]
+            hooks = [
+                layer.register_forward_hook(lambda m, a, out, i=i: self.recorded[i].append(out))
+                for i, layer in enumerate(layers)
+            ]
         if replay_from:
             if self.recorded is None:
                 raise RuntimeError("replay needs a recorded pass first")
@@ -162,14 +171,15 @@ class MultipleChoiceScorer:
             for b, (ids, mask, targets) in enumerate(self.batches):
                 for i in saved:
                     layers[i].batch = b
-                hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+                hidden = decoder(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+                ).last_hidden_state
                 rows = torch.tensor([t[0] for t in targets], device=device)
                 pos = torch.tensor([t[1] for t in targets], device=device)
-                logits = head(hidden[rows, pos]).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                logp = logits.log_softmax(-1)[torch.arange(len(targets), device=device),
-                                              torch.tensor([t[2] for t in targets], device=device)]
+                logits = adapter.logits(model, hidden[rows, pos], final_norm=False).float()  # the decoder normed it
+                logp = logits.log_softmax(-1)[
+                    torch.arange(len(targets), device=device), torch.tensor([t[2] for t in targets], device=device)
+                ]
                 for (_, _, _, item, choice), lp in zip(targets, logp.tolist()):
                     totals[item][choice] += lp
                     counts[item][choice] += 1
@@ -206,7 +216,8 @@ def load_heads(path) -> dict:
         raise LlmdropError(f"{path} is not an llmdrop heads file (format {FORMAT!r})")
     heads = data.get("heads")
     if not isinstance(heads, list) or not all(
-            isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads):
+        isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h) for h in heads
+    ):
         raise LlmdropError(f"{path}: heads must be a list of [layer, head] pairs")
     return data
 
@@ -235,7 +246,9 @@ def enable(loaded: LoadedModel, heads, beta: float = DEFAULT_BETA, threshold: fl
     """Calibrate ``heads`` of ``loaded.model`` in place (replacing any earlier calibration)."""
     heads = check_heads(heads, loaded.num_layers, loaded.model.config.num_attention_heads)
     try:
-        enable_attention_calibration(loaded.model, heads, beta, threshold, loaded.adapter.layers, loaded.adapter.attn[0])
+        enable_attention_calibration(
+            loaded.model, heads, beta, threshold, loaded.adapter.layers, loaded.adapter.attn[0]
+        )
     except ValueError as e:
         raise LlmdropError(str(e)) from None
 
@@ -250,10 +263,22 @@ def _task_record(task, split: float, seed: int, norm: str) -> dict:
     return {"file": Path(task).name, "sha256": digest, "split": split, "seed": seed, "norm": norm}
 
 
-def act_search(model: ModelArg = None, *, task=DEFAULT_TASK, out, beta: float = DEFAULT_BETA,
-               threshold: float = DEFAULT_THRESHOLD, layers: str | None = None, max_heads: int | None = None,
-               greedy: bool = False, split: float = 0.5, seed: int = 0, norm: str = "sum", batch_size: int = 16,
-               progress: bool = True) -> dict:
+def act_search(
+    model: ModelArg = None,
+    *,
+    task=DEFAULT_TASK,
+    out,
+    beta: float = DEFAULT_BETA,
+    threshold: float = DEFAULT_THRESHOLD,
+    layers: str | None = None,
+    max_heads: int | None = None,
+    greedy: bool = False,
+    split: float = 0.5,
+    seed: int = 0,
+    norm: str = "sum",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict:
     """Calibrate each (layer, head) alone on the calibration split; keep the heads that raise accuracy.
 
     Writes ``out`` after every head (atomically), so an interrupted search resumes from it. With
@@ -269,20 +294,31 @@ def act_search(model: ModelArg = None, *, task=DEFAULT_TASK, out, beta: float = 
     n_layers, n_heads = loaded.num_layers, loaded.model.config.num_attention_heads
     todo_layers = parse_layers(layers, n_layers) if layers else list(range(n_layers))
     settings = {"beta": float(beta), "threshold": float(threshold), "task": _task_record(task, split, seed, norm)}
-    record = {"format": FORMAT, **settings, "model": loaded.source, "heads": [], "baseline": None,
-              "calibration_items": len(calib), "per_head": {}}
+    record = {
+        "format": FORMAT,
+        **settings,
+        "model": loaded.source,
+        "heads": [],
+        "baseline": None,
+        "calibration_items": len(calib),
+        "per_head": {},
+    }
     if out.exists():  # resume: same settings, or refuse
         old = load_heads(out)
         differs = [k for k in settings if old.get(k) != settings[k]]
         if differs:
-            raise LlmdropError(f"{out} was written with other settings ({', '.join(differs)}); "
-                               "pass another --out or the same settings to resume")
+            raise LlmdropError(
+                f"{out} was written with other settings ({', '.join(differs)}); "
+                "pass another --out or the same settings to resume"
+            )
         record.update({k: old[k] for k in ("baseline", "per_head") if old.get(k) is not None})
     scorer = MultipleChoiceScorer(loaded.tokenizer, calib, batch_size=batch_size, norm=norm)
     base_acc, _ = scorer.accuracy(loaded.model, record=True, layers_path=loaded.adapter.layers)
     if record["baseline"] is not None and abs(record["baseline"] - base_acc) > 1e-9:
-        raise LlmdropError(f"{out}: its baseline accuracy {record['baseline']} differs from this model's {base_acc}; "
-                           "is it the same model?")
+        raise LlmdropError(
+            f"{out}: its baseline accuracy {record['baseline']} differs from this model's {base_acc}; "
+            "is it the same model?"
+        )
     record["baseline"] = base_acc
     todo = [(l, h) for l in todo_layers for h in range(n_heads) if f"{l},{h}" not in record["per_head"]]
     bar = tqdm(todo, desc="act search", unit="head", disable=not progress)
@@ -297,7 +333,9 @@ def act_search(model: ModelArg = None, *, task=DEFAULT_TASK, out, beta: float = 
     record["heads"] = _best_heads(record["per_head"], max_heads)
     record.pop("greedy", None)
     if greedy and record["heads"]:
-        record["heads"], record["greedy"] = _greedy(loaded, scorer, record["heads"], base_acc, beta, threshold, progress)
+        record["heads"], record["greedy"] = _greedy(
+            loaded, scorer, record["heads"], base_acc, beta, threshold, progress
+        )
     if record["heads"]:
         with calibrated(loaded, record["heads"], beta, threshold):
             record["calibrated"] = scorer.accuracy(loaded.model)[0]
@@ -328,9 +366,19 @@ def _greedy(loaded, scorer, candidates, base_acc, beta, threshold, progress):
     return chosen, steps
 
 
-def act_eval(model: ModelArg = None, *, task=DEFAULT_TASK, heads: str | None = None, beta: float | None = None,
-             threshold: float | None = None, split: float = 0.5, seed: int = 0, norm: str = "sum",
-             part: str = "heldout", batch_size: int = 16) -> dict:
+def act_eval(
+    model: ModelArg = None,
+    *,
+    task=DEFAULT_TASK,
+    heads: str | None = None,
+    beta: float | None = None,
+    threshold: float | None = None,
+    split: float = 0.5,
+    seed: int = 0,
+    norm: str = "sum",
+    part: str = "heldout",
+    batch_size: int = 16,
+) -> dict:
     """Accuracy on the held-out split (``part="calibration"`` or ``"all"`` for the others), without and with
     the heads of a heads.json (beta / threshold from the file unless given)."""
     if part not in ("heldout", "calibration", "all"):
@@ -343,21 +391,42 @@ def act_eval(model: ModelArg = None, *, task=DEFAULT_TASK, heads: str | None = N
     scorer = MultipleChoiceScorer(loaded.tokenizer, chosen, batch_size=batch_size, norm=norm)
     t0 = time.perf_counter()
     base, base_preds = scorer.accuracy(loaded.model)
-    result = {"model": loaded.source, "task": _task_record(task, split, seed, norm), "part": part, "items": len(chosen),
-              "baseline": base}
+    result = {
+        "model": loaded.source,
+        "task": _task_record(task, split, seed, norm),
+        "part": part,
+        "items": len(chosen),
+        "baseline": base,
+    }
     if spec is not None:
         beta = spec["beta"] if beta is None else beta
         threshold = spec["threshold"] if threshold is None else threshold
         with calibrated(loaded, spec["heads"], beta, threshold):
             acc, preds = scorer.accuracy(loaded.model)
-        result.update(heads=spec["heads"], beta=beta, threshold=threshold, calibrated=acc, gain=acc - base,
-                      changed=sum(a != b for a, b in zip(base_preds, preds)))
+        result.update(
+            heads=spec["heads"],
+            beta=beta,
+            threshold=threshold,
+            calibrated=acc,
+            gain=acc - base,
+            changed=sum(a != b for a, b in zip(base_preds, preds)),
+        )
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
 
 
-def act_apply(model: ModelArg = None, *, heads: str, out, beta: float | None = None, threshold: float | None = None,
-              attn_layers=None, mlp_layers=None, dtype: str = "auto", overwrite: bool = False) -> Path:
+def act_apply(
+    model: ModelArg = None,
+    *,
+    heads: str,
+    out,
+    beta: float | None = None,
+    threshold: float | None = None,
+    attn_layers=None,
+    mlp_layers=None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> Path:
     """Export ``model`` with the heads of ``heads`` calibrated (config.json ``attention_calibration`` + remote
     code); attention / MLP sublayers in ``attn_layers`` / ``mlp_layers`` are dropped too. A MODEL that is an
     llmdrop export keeps its drops. Layer numbers are MODEL's."""
@@ -372,11 +441,17 @@ def act_apply(model: ModelArg = None, *, heads: str, out, beta: float | None = N
     threshold = spec["threshold"] if threshold is None else threshold
     loaded = as_loaded(model)
     n = loaded.num_layers
-    plan = DropPlan(n, attn=as_layers(attn_layers, n) if attn_layers else [],
-                    mlp=as_layers(mlp_layers, n) if mlp_layers else [], method="explicit")
+    plan = DropPlan(
+        n,
+        attn=as_layers(attn_layers, n) if attn_layers else [],
+        mlp=as_layers(mlp_layers, n) if mlp_layers else [],
+        method="explicit",
+    )
     if plan.blocks:
-        raise LlmdropError("dropping a whole layer (attention and MLP) would renumber the calibrated heads; "
-                           "drop blocks first, then search and apply on that export")
+        raise LlmdropError(
+            "dropping a whole layer (attention and MLP) would renumber the calibrated heads; "
+            "drop blocks first, then search and apply on that export"
+        )
     dropped = set(plan.attn) | set(getattr(loaded.model.config, "drop_attn_list", None) or ())
     heads_list = check_heads(spec["heads"], n, loaded.model.config.num_attention_heads)
     if bad := sorted({l for l, _ in heads_list} & dropped):
@@ -388,6 +463,17 @@ def act_apply(model: ModelArg = None, *, heads: str, out, beta: float | None = N
 
     if not hasattr(loaded.model.config, "llmdrop_sublayers"):
         drop_sublayers(loaded.model, loaded.adapter)  # nothing dropped: only the remote-code config class
-    return export(loaded, plan, out, dtype=dtype, overwrite=overwrite,
-                  extra={"attention_calibration": {**calibration, "heads_file": str(heads),
-                                                   "search": {k: spec.get(k) for k in ("task", "baseline", "calibrated")}}})
+    return export(
+        loaded,
+        plan,
+        out,
+        dtype=dtype,
+        overwrite=overwrite,
+        extra={
+            "attention_calibration": {
+                **calibration,
+                "heads_file": str(heads),
+                "search": {k: spec.get(k) for k in ("task", "baseline", "calibrated")},
+            }
+        },
+    )

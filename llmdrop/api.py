@@ -11,15 +11,38 @@ from .data import CalibSpec, check_sizes, load_texts, tokens_from_texts
 from .errors import LlmdropError
 from .export import export
 from .files import check_output_dir, check_writable_parent
-from .models import DEFAULT_MODEL, LoadedModel, LoadSpec, ModelArg, as_loaded, source_identity, source_num_layers, source_of
+from .models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    LoadSpec,
+    ModelArg,
+    as_loaded,
+    source_identity,
+    source_num_layers,
+    source_of,
+)
 from .plan import DropPlan, parse_layers, select
 from .scoring import Scores, compute_importance
 from .surgery import drop_sublayers
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
 
-__all__ = ["LoadSpec", "CalibSpec", "score", "drop", "evaluate", "quantize", "push", "bench", "probe", "inject",
-           "attnmap", "act_search", "act_eval", "act_apply"]
+__all__ = [
+    "LoadSpec",
+    "CalibSpec",
+    "score",
+    "drop",
+    "evaluate",
+    "quantize",
+    "push",
+    "bench",
+    "probe",
+    "inject",
+    "attnmap",
+    "act_search",
+    "act_eval",
+    "act_apply",
+]
 
 
 def as_layers(value, num_layers: int) -> list[int]:
@@ -46,8 +69,9 @@ def score(
             check_writable_parent(Path(path))
     loaded = as_loaded(model)
     tokens = calib.tokens(loaded.tokenizer, loaded.model)
-    importance = compute_importance(loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size,
-                                    progress=progress)
+    importance = compute_importance(
+        loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
+    )
     scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), importance)
     if out:
         scores.save(out)
@@ -58,8 +82,18 @@ def score(
     return scores
 
 
-def _iterative_plan(loaded: LoadedModel, tokens, *, attn: int, mlp: int, n_blocks: int, joint: int, metric: str,
-                    batch_size: int, progress: bool) -> tuple[DropPlan, list[dict], dict]:
+def _iterative_plan(
+    loaded: LoadedModel,
+    tokens,
+    *,
+    attn: int,
+    mlp: int,
+    n_blocks: int,
+    joint: int,
+    metric: str,
+    batch_size: int,
+    progress: bool,
+) -> tuple[DropPlan, list[dict], dict]:
     """Drop one part at a time, re-scoring the (in-memory) dropped model after each drop."""
     n = loaded.num_layers
     dropped = {"attn": set(), "mlp": set()}
@@ -67,8 +101,9 @@ def _iterative_plan(loaded: LoadedModel, tokens, *, attn: int, mlp: int, n_block
     requests = [("block", n_blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)]
     for kind, count in requests:
         for _ in range(count):
-            imp = compute_importance(loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size,
-                                     progress=progress)
+            imp = compute_importance(
+                loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
+            )
             first = first or imp
             kinds = ("attn", "mlp") if kind == "joint" else (kind,)
             candidates = []
@@ -80,7 +115,7 @@ def _iterative_plan(loaded: LoadedModel, tokens, *, attn: int, mlp: int, n_block
             if not candidates:
                 raise LlmdropError(f"cannot drop more {kind} parts: none left")
             value, layer, k = min(candidates)
-            for part in (("attn", "mlp") if k == "block" else (k,)):
+            for part in ("attn", "mlp") if k == "block" else (k,):
                 dropped[part].add(layer)
             steps.append({"kind": k, "layer": layer, "importance": value})
             drop_sublayers(loaded.model, loaded.adapter, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]))
@@ -97,8 +132,10 @@ def _check_scores_model(scores: Scores, where: str, model: ModelArg) -> None:
     if recorded == current or (recorded[1] is None and recorded[0] == current[0]):
         return
     name = model.source if isinstance(model, LoadedModel) else source_of(model)[0] or DEFAULT_MODEL
-    raise LlmdropError(f"the scores{where} were computed on {scores.model!r}, not on {name!r}; score this model "
-                       "(leave out --scores), or pass --force-scores if it is the same model")
+    raise LlmdropError(
+        f"the scores{where} were computed on {scores.model!r}, not on {name!r}; score this model "
+        "(leave out --scores), or pass --force-scores if it is the same model"
+    )
 
 
 def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None:
@@ -159,8 +196,10 @@ def drop(
             parse_layers(text)  # syntax errors first; ranges need the layer count
     counted = attn or mlp or blocks or joint
     if skip_attention_from is not None and (counted or iterative):
-        raise LlmdropError("--skip-attention-from combines only with explicit layer lists, not with "
-                           "--attn/--mlp/--blocks/--joint counts or --iterative")
+        raise LlmdropError(
+            "--skip-attention-from combines only with explicit layer lists, not with "
+            "--attn/--mlp/--blocks/--joint counts or --iterative"
+        )
     if iterative and (not counted or any(layer_args)):
         raise LlmdropError("--iterative needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
     if isinstance(scores, (str, Path)):
@@ -177,8 +216,10 @@ def drop(
     loaded = as_loaded(model)
     n = loaded.num_layers
     _check_request(n, scores, layer_args, skip_attention_from, **counts)  # GGUF and Hub sources: now, before scoring
-    lists = {k: as_layers(v, n) for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers),
-                                             ("block_layers", block_layers))}
+    lists = {
+        k: as_layers(v, n)
+        for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers), ("block_layers", block_layers))
+    }
     extra = {}
     if skip_attention_from is not None:
         # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
@@ -188,8 +229,17 @@ def drop(
         extra["skip_attention_from"] = skip_attention_from
     if iterative:
         tokens = calib.tokens(loaded.tokenizer, loaded.model)
-        plan, steps, first = _iterative_plan(loaded, tokens, attn=attn, mlp=mlp, n_blocks=blocks, joint=joint,
-                                             metric=metric, batch_size=batch_size, progress=progress)
+        plan, steps, first = _iterative_plan(
+            loaded,
+            tokens,
+            attn=attn,
+            mlp=mlp,
+            n_blocks=blocks,
+            joint=joint,
+            metric=metric,
+            batch_size=batch_size,
+            progress=progress,
+        )
         scores = Scores(loaded.source, n, metric, calib.record(tokens), first)
         extra["iterative_steps"] = steps
     elif counted:
@@ -200,8 +250,17 @@ def drop(
         plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
         if plan.empty:
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
-    path = export(loaded, plan, out, dtype=dtype, overwrite=overwrite, fmt=fmt, scores=scores,
-                  calibration=scores.calibration if scores else None, extra=extra)
+    path = export(
+        loaded,
+        plan,
+        out,
+        dtype=dtype,
+        overwrite=overwrite,
+        fmt=fmt,
+        scores=scores,
+        calibration=scores.calibration if scores else None,
+        extra=extra,
+    )
     return path, plan
 
 
@@ -226,17 +285,23 @@ def evaluate(
     folder = source_of(model)[0]
     folder = Path(folder).expanduser() if folder else None
     if save and not (folder and folder.is_dir()):
-        raise LlmdropError(f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
-                           f"(got {str(folder) if folder else 'the builtin default model'!r})")
+        raise LlmdropError(
+            f"--save writes MODEL/eval_results.json, so MODEL must be a local checkpoint directory "
+            f"(got {str(folder) if folder else 'the builtin default model'!r})"
+        )
     if save:
         check_writable_parent(folder / "eval_results.json")
     text_path = text or DEFAULT_EVAL_TEXT
     texts = load_texts(text_path)  # a bad text file fails before the model loads
     loaded = as_loaded(model)
-    tokens = tokens_from_texts(texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed,
-                               purpose="evaluation")
-    result = {"model": loaded.source, "text": str(text_path),
-              **perplexity(loaded.model, tokens, batch_size=batch_size, progress=progress)}
+    tokens = tokens_from_texts(
+        texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, purpose="evaluation"
+    )
+    result = {
+        "model": loaded.source,
+        "text": str(text_path),
+        **perplexity(loaded.model, tokens, batch_size=batch_size, progress=progress),
+    }
     if save:
         from .card import save_eval_result
 

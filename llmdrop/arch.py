@@ -40,13 +40,17 @@ class Adapter:
         config = model.config
         parallel = [k for k in _PARALLEL_FLAGS if getattr(config, k, False)]
         if parallel:
-            raise LlmdropError(f"{config.model_type} with {parallel[0]}=True runs attention and MLP in parallel; llmdrop "
-                               f"measures each sublayer between two residual adds ({self.layout}) and cannot score it")
+            raise LlmdropError(
+                f"{config.model_type} with {parallel[0]}=True runs attention and MLP in parallel; llmdrop "
+                f"measures each sublayer between two residual adds ({self.layout}) and cannot score it"
+            )
         layer = self.layer_list(model)[0]
         for name in (*self.attn, *self.mlp):
             if not hasattr(layer, name):
-                raise LlmdropError(f"{config.model_type} layers have no `{name}` module: not the {self.layout} layout "
-                                   f"llmdrop's {self.model_type} adapter expects")
+                raise LlmdropError(
+                    f"{config.model_type} layers have no `{name}` module: not the {self.layout} layout "
+                    f"llmdrop's {self.model_type} adapter expects"
+                )
 
     def logits(self, model, hidden, *, final_norm: bool = True):
         """The model's next-token logits from a residual-stream state (the final norm unless ``final_norm=False``,

@@ -57,7 +57,7 @@ class AttnCapture:
 
     @property
     def generated(self) -> list[int]:
-        return self.token_ids[self.n_prompt:]
+        return self.token_ids[self.n_prompt :]
 
 
 # ---------------------------------------------------------------- prompt and heads
@@ -70,8 +70,9 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise LlmdropError("--chat: this tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         # the template already holds BOS and friends: do not add them a second time
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]
@@ -87,7 +88,9 @@ def parse_heads(heads, num_heads: int):
     except ValueError:
         raise LlmdropError(f"--heads must be max, mean or a head index, not {heads!r}") from None
     if not 0 <= index < num_heads:
-        raise LlmdropError(f"--heads {index} is out of range: the model has {num_heads} attention heads (0-{num_heads - 1})")
+        raise LlmdropError(
+            f"--heads {index} is out of range: the model has {num_heads} attention heads (0-{num_heads - 1})"
+        )
     return index
 
 
@@ -136,11 +139,6 @@ def eager_attention(model):
             model.set_attn_implementation(before)
 
 
-def _softcap(model, logits):
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3: the model's own logits are capped
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def _topk(logits: torch.Tensor, k: int):
     probs = torch.softmax(logits.float(), dim=-1)
     p, i = probs.topk(k, dim=-1)
@@ -149,8 +147,9 @@ def _topk(logits: torch.Tensor, k: int):
 
 @torch.no_grad()
 @quiet_cache_rename()
-def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 20, top_k: int = 5,
-            progress: bool = True) -> AttnCapture:
+def capture(
+    model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens: int = 20, top_k: int = 5, progress: bool = True
+) -> AttnCapture:
     """Greedy generation step by step (KV cache), recording attention rows and the logit lens."""
     from tqdm.auto import tqdm
 
@@ -160,9 +159,7 @@ def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens:
     L, H = config.num_hidden_layers, config.num_attention_heads
     dropped = sorted(getattr(config, "drop_attn_list", None) or ())
     layers = adapter.layer_list(model)
-    norm = model.get_submodule(adapter.final_norm)
-    lm_head = model.get_output_embeddings()
-    k = min(top_k, lm_head.out_features)
+    k = min(top_k, model.get_output_embeddings().out_features)
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     gen_config = getattr(model, "generation_config", None)
     if gen_config is not None and gen_config.eos_token_id is not None:
@@ -180,8 +177,10 @@ def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens:
         weights[l] = None if w is None else w[0, :, -1, :].detach()
 
     hooks = [layer.register_forward_hook(functools.partial(keep_output, l=l)) for l, layer in enumerate(layers)]
-    hooks += [layer.get_submodule(adapter.attn[0]).register_forward_hook(functools.partial(keep_query_row, l=l))
-              for l, layer in enumerate(layers)]
+    hooks += [
+        layer.get_submodule(adapter.attn[0]).register_forward_hook(functools.partial(keep_query_row, l=l))
+        for l, layer in enumerate(layers)
+    ]
     device = next(model.parameters()).device
     ids = list(prompt_ids)
     attn_steps, lens_ids, lens_probs = [], [], []
@@ -205,13 +204,13 @@ def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens:
                     row = w.float().cpu().numpy()  # the current query's row, every head
                     # a sliding-window cache keeps only the last keys: the rest got no attention at all
                     step[l] = 0.0
-                    step[l, :, T - row.shape[-1]:] = row
+                    step[l, :, T - row.shape[-1] :] = row
                 attn_steps.append(step)
                 # logit lens at the new positions: norm + LM head on each layer's raw output
                 ids_p = np.empty((len(new), L + 1, k), dtype=np.int64)
                 probs_p = np.empty((len(new), L + 1, k), dtype=np.float32)
                 for l in range(L):
-                    logits = _softcap(model, lm_head(norm(outputs[l][0])))
+                    logits = adapter.logits(model, outputs[l][0])
                     ids_p[:, l], probs_p[:, l] = _topk(logits, k)
                 ids_p[:, L], probs_p[:, L] = _topk(out.logits[0], k)
                 lens_ids.append(ids_p)
@@ -223,8 +222,17 @@ def capture(model, adapter, tokenizer, prompt_ids: list[int], *, max_new_tokens:
     finally:
         for h in hooks:
             h.remove()
-    return AttnCapture(ids, len(prompt_ids), L, H, dropped, attn_steps, np.concatenate(lens_ids),
-                       np.concatenate(lens_probs), info={"model_type": config.model_type})
+    return AttnCapture(
+        ids,
+        len(prompt_ids),
+        L,
+        H,
+        dropped,
+        attn_steps,
+        np.concatenate(lens_ids),
+        np.concatenate(lens_probs),
+        info={"model_type": config.model_type},
+    )
 
 
 # ---------------------------------------------------------------- token text
@@ -249,8 +257,9 @@ def _short(text: str, n: int = 8) -> str:
 # ---------------------------------------------------------------- PNG
 
 
-def render_png(capture: AttnCapture, texts: dict[int, str], step: int, start: int, end: int, path: Path,
-               heads="max") -> None:
+def render_png(
+    capture: AttnCapture, texts: dict[int, str], step: int, start: int, end: int, path: Path, heads="max"
+) -> None:
     """One image: rows = layers 0..L-1 + the final prediction, columns = positions start..end-1 of step ``step``."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -275,11 +284,13 @@ def render_png(capture: AttnCapture, texts: dict[int, str], step: int, start: in
             colour = "white" if np.isfinite(value) and value > 0.6 else ("#555555" if r in capture.dropped else "black")
             ax.text(c, r, _short(tok), ha="center", va="center", fontsize=6, color=colour, parse_math=False)
     ax.set_yticks(range(L + 1))
-    ax.set_yticklabels([f"{l} (attn dropped)" if l in capture.dropped else str(l) for l in range(L)]
-                       + ["final prediction"], fontsize=7)
+    ax.set_yticklabels(
+        [f"{l} (attn dropped)" if l in capture.dropped else str(l) for l in range(L)] + ["final prediction"], fontsize=7
+    )
     ax.set_xticks(range(n_cols))
-    ax.set_xticklabels([f"{start + c}\n{_short(texts[capture.token_ids[start + c]])}" for c in range(n_cols)],
-                       fontsize=6)
+    ax.set_xticklabels(
+        [f"{start + c}\n{_short(texts[capture.token_ids[start + c]])}" for c in range(n_cols)], fontsize=6
+    )
     for label in ax.get_xticklabels():
         label.set_parse_math(False)
     for label in ax.get_yticklabels():
@@ -291,8 +302,10 @@ def render_png(capture: AttnCapture, texts: dict[int, str], step: int, start: in
     q = capture.n_prompt + step - 1  # the query position
     target = capture.token_ids[capture.n_prompt + step]
     head_text = {"max": "max over heads", "mean": "mean over heads"}.get(heads, f"head {heads}")
-    title = (f"step {step}: query = position {q} {texts[capture.token_ids[q]]!r} -> predicts {texts[target]!r}\n"
-             f"colour: attention of the query ({head_text}); label: logit-lens top-1 of that layer at that position")
+    title = (
+        f"step {step}: query = position {q} {texts[capture.token_ids[q]]!r} -> predicts {texts[target]!r}\n"
+        f"colour: attention of the query ({head_text}); label: logit-lens top-1 of that layer at that position"
+    )
     ax.set_title(title, fontsize=8, loc="left")
     ax.set_xlabel("key position / token", fontsize=7)
     fig.colorbar(image, cax=cax)
@@ -308,8 +321,9 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def viewer_payload(capture: AttnCapture, texts: dict[int, str], *, model: str, prompt: str, chat: bool,
-                   window: int, stride: int, heads) -> dict:
+def viewer_payload(
+    capture: AttnCapture, texts: dict[int, str], *, model: str, prompt: str, chat: bool, window: int, stride: int, heads
+) -> dict:
     """The viewer's data: only the current query's attention rows (uint8 0-255, zlib), lens top-k per position.
 
     Rows are stored step by step, then kept layer, then head: step i holds K * H * T_i bytes.
@@ -391,8 +405,15 @@ def attnmap(
     loaded = as_loaded(model, attn_implementation="eager")  # a model loaded already is switched for the capture
     head_choice = parse_heads(heads, loaded.model.config.num_attention_heads)
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, chat)
-    cap = capture(loaded.model, loaded.adapter, loaded.tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                  top_k=top_k, progress=progress)
+    cap = capture(
+        loaded.model,
+        loaded.adapter,
+        loaded.tokenizer,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        progress=progress,
+    )
     texts = token_texts(loaded.tokenizer, list(cap.token_ids) + cap.lens_ids.ravel().tolist())
 
     files = []
@@ -409,8 +430,16 @@ def attnmap(
                 render_png(cap, texts, i, s, e, tmp / f"attn_{i}_{j}.png", heads=head_choice)
                 files.append(f"attn_{i}_{j}.png")
         if "html" in fmts:
-            payload = viewer_payload(cap, texts, model=loaded.source, prompt=prompt, chat=chat, window=window,
-                                     stride=stride, heads=head_choice)
+            payload = viewer_payload(
+                cap,
+                texts,
+                model=loaded.source,
+                prompt=prompt,
+                chat=chat,
+                window=window,
+                stride=stride,
+                heads=head_choice,
+            )
             (tmp / HTML_NAME).write_text(render_html(payload), encoding="utf-8")
             files.append(HTML_NAME)
     return {

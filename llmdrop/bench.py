@@ -30,36 +30,102 @@ from .plan import DropPlan, parse_layers
 FORMAT = "llmdrop.bench/1"
 
 # Public config.json values of well-known models (enough to rebuild their shapes offline).
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192,
+}
 SHAPES = {
     # a few layers, small enough for tests (same sizes as tests/tiny_models.py)
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
-                 max_position_embeddings=64, tie_word_embeddings=False),
-    "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,  # Llama-3.2-1B
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                     rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072,
-                     rms_norm_eps=1e-5, tie_word_embeddings=True),
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # v0.3
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0,
-                       max_position_embeddings=32768, sliding_window=None, rms_norm_eps=1e-5,
-                       tie_word_embeddings=False),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
-                       max_position_embeddings=131072, use_sliding_window=False, rms_norm_eps=1e-6,
-                       tie_word_embeddings=False),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
+    "llama-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,  # Llama-3.2-1B
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "llama-2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,  # v0.3
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+        use_sliding_window=False,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
 }
 _VARIANT_HELP = "use base, attn:N, mlp:N, blocks:N or lists like attn:16-31, joined with + (attn:8+blocks:2)"
 
 
 # ---------------------------------------------------------------------------------------------- models
+
 
 @dataclass
 class BenchModel:
@@ -91,15 +157,16 @@ def parse_variant(text: str, num_layers: int) -> DropPlan:
     for kind in ("attn", "mlp"):
         taken = blocks | set(lists[kind])
         picked[kind] = set(lists[kind]) | set(_last(num_layers, counts.get(kind, 0), taken, kind, text))
-    return DropPlan(num_layers, sorted(blocks), sorted(picked["attn"]), sorted(picked["mlp"]),
-                    method=f"bench variant {text}")
+    return DropPlan(
+        num_layers, sorted(blocks), sorted(picked["attn"]), sorted(picked["mlp"]), method=f"bench variant {text}"
+    )
 
 
 def _last(num_layers: int, n: int, taken: set, kind: str, text: str) -> list[int]:
     free = [i for i in range(num_layers) if i not in taken]
     if n > len(free):
         raise LlmdropError(f"variant {text!r}: cannot drop {n} {kind}, only {len(free)} layers are left")
-    return free[len(free) - n:] if n else []
+    return free[len(free) - n :] if n else []
 
 
 def shape_config(source: str):
@@ -123,8 +190,10 @@ def shape_config(source: str):
         except (OSError, ValueError) as e:
             raise LlmdropError(f"could not load the config of {source!r} from the Hub: {e}".splitlines()[0]) from e
     else:
-        raise LlmdropError(f"--random-weights {source!r}: use a builtin shape ({', '.join(SHAPES)}), "
-                           "a config.json, a checkpoint dir or a Hub id")
+        raise LlmdropError(
+            f"--random-weights {source!r}: use a builtin shape ({', '.join(SHAPES)}), "
+            "a config.json, a checkpoint dir or a Hub id"
+        )
     # only the shape matters: random weights are never quantized, remote code is llmdrop's own or refused
     for key in ("quantization_config", "auto_map", "architectures", "torch_dtype", "dtype", "transformers_version"):
         fields.pop(key, None)
@@ -165,16 +234,34 @@ def build_random(shape: str, variant: str, *, device: str = "cpu", dtype=torch.f
 def build(spec: dict) -> torch.nn.Module:
     """Load or build the model a spec describes (the same call in the parent and in memory children)."""
     if spec["kind"] == "random":
-        return build_random(spec["shape"], spec["variant"], device=spec["device"], dtype=getattr(torch, spec["dtype"]),
-                            seed=spec["seed"])
+        return build_random(
+            spec["shape"],
+            spec["variant"],
+            device=spec["device"],
+            dtype=getattr(torch, spec["dtype"]),
+            seed=spec["seed"],
+        )
     from .models import load_model
 
-    return load_model(spec["source"], device=spec["device"], dtype=spec["dtype"], gguf_file=spec["gguf_file"],
-                      trust_remote_code=spec["trust_remote_code"]).model
+    return load_model(
+        spec["source"],
+        device=spec["device"],
+        dtype=spec["dtype"],
+        gguf_file=spec["gguf_file"],
+        trust_remote_code=spec["trust_remote_code"],
+    ).model
 
 
-def model_specs(models: list[str], *, random_weights: str | None, device: torch.device, dtype: str, seed: int,
-                gguf_file: str | None = None, trust_remote_code: bool = False) -> list[tuple[str, dict]]:
+def model_specs(
+    models: list[str],
+    *,
+    random_weights: str | None,
+    device: torch.device,
+    dtype: str,
+    seed: int,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> list[tuple[str, dict]]:
     if not models:
         raise LlmdropError("give at least one model (the first is the baseline)")
     if random_weights and dtype == "auto":  # nothing to keep: pick the usual dtype of the device
@@ -184,8 +271,13 @@ def model_specs(models: list[str], *, random_weights: str | None, device: torch.
         if random_weights:
             spec = {"kind": "random", "shape": random_weights, "variant": m, "dtype": dtype, "seed": seed}
         else:
-            spec = {"kind": "checkpoint", "source": m, "dtype": dtype, "gguf_file": gguf_file,
-                    "trust_remote_code": trust_remote_code}
+            spec = {
+                "kind": "checkpoint",
+                "source": m,
+                "dtype": dtype,
+                "gguf_file": gguf_file,
+                "trust_remote_code": trust_remote_code,
+            }
         specs.append((m, {**spec, "device": str(device)}))
     names = [n for n, _ in specs]
     # duplicates get a suffix so that every result row names one model
@@ -205,11 +297,12 @@ def parse_int_list(text: str, option: str) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- analysis
 
+
 def _dtype_bytes(model) -> int:
     return model.get_input_embeddings().weight.element_size()
 
 
-def kept_attention_layers(config) -> int:
+def attention_layer_count(config) -> int:
     return config.num_hidden_layers - len(getattr(config, "drop_attn_list", None) or ())
 
 
@@ -218,7 +311,7 @@ def kv_bytes_per_token_analytic(model) -> int:
     c = model.config
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * kept_attention_layers(c) * kv_heads * head_dim * _dtype_bytes(model)
+    return 2 * attention_layer_count(c) * kv_heads * head_dim * _dtype_bytes(model)
 
 
 def weight_bytes_per_step(model) -> int:
@@ -246,12 +339,13 @@ def prefill_flops(model, prompt_len: int, batch: int, logits_positions: int = 1)
     layers = adapter_for(c).layer_list(model)
     matrix_elems = sum(p.numel() for p in layers.parameters() if p.dim() >= 2)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    scores = kept_attention_layers(c) * 2 * batch * c.num_attention_heads * head_dim * prompt_len * (prompt_len + 1)
+    scores = attention_layer_count(c) * 2 * batch * c.num_attention_heads * head_dim * prompt_len * (prompt_len + 1)
     lm_head = 2 * batch * logits_positions * model.get_output_embeddings().weight.numel()
     return 2 * batch * prompt_len * matrix_elems + scores + lm_head
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -299,9 +393,14 @@ def run_once(model, input_ids: torch.Tensor, gen_len: int) -> dict:
     if cache_len != prompt_len + gen_len:  # the cache was not fed back: the numbers would be meaningless
         raise LlmdropError(f"KV cache holds {cache_len} tokens after decoding, expected {prompt_len + gen_len}")
     total = cache_bytes(cache)
-    return {"prefill_s": t1 - t0, "ttft_s": t2 - t0, "decode_s": t3 - t2, "cache_len": cache_len,
-            "cache_layers": len(getattr(cache, "layers", ())),
-            "kv_bytes_per_token": None if total is None else total // (batch * cache_len)}
+    return {
+        "prefill_s": t1 - t0,
+        "ttft_s": t2 - t0,
+        "decode_s": t3 - t2,
+        "cache_len": cache_len,
+        "cache_layers": len(getattr(cache, "layers", ())),
+        "kv_bytes_per_token": None if total is None else total // (batch * cache_len),
+    }
 
 
 def make_prompt(vocab_size: int, batch: int, prompt_len: int, seed: int, device) -> torch.Tensor:
@@ -367,8 +466,12 @@ def _cpu_peaks(spec: dict, configs, gen_len: int, seed: int) -> list[int | None]
         return [None] * len(configs)  # no resettable high-water mark on this OS: report nothing rather than a guess
     request = json.dumps({"spec": spec, "configs": configs, "gen_len": gen_len, "seed": seed})
     # a fresh interpreter (not multiprocessing): nothing of this process's memory or __main__ comes along
-    proc = subprocess.run([sys.executable, "-c", "from llmdrop.bench import _child_main; _child_main()"],
-                          input=request, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from llmdrop.bench import _child_main; _child_main()"],
+        input=request,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise LlmdropError(f"peak-memory child process failed for {spec.get('source') or spec.get('variant')}: {last}")
@@ -384,8 +487,11 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     try:
-        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")]
+        names = [
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     except OSError:
         pass
@@ -403,14 +509,19 @@ def _check_lengths(entries: list[BenchModel], prompt_lens, gen_len) -> None:
     for bm in entries:
         limit = getattr(bm.model.config, "max_position_embeddings", None)
         if limit and max(prompt_lens) + gen_len > limit:
-            raise LlmdropError(f"prompt length {max(prompt_lens)} + gen length {gen_len} exceeds {bm.name}'s "
-                               f"max_position_embeddings ({limit})")
+            raise LlmdropError(
+                f"prompt length {max(prompt_lens)} + gen length {gen_len} exceeds {bm.name}'s "
+                f"max_position_embeddings ({limit})"
+            )
 
 
 def _result(bm: BenchModel, runs: list[dict], p: int, b: int, gen_len: int, peak: int | None) -> dict:
     positions = 1 if "logits_to_keep" in _forward_kwargs(bm.model) else p
     return {
-        "model": bm.name, "prompt_len": p, "batch_size": b, "gen_len": gen_len,
+        "model": bm.name,
+        "prompt_len": p,
+        "batch_size": b,
+        "gen_len": gen_len,
         "prefill_tokens_per_s": _stats([b * p / r["prefill_s"] for r in runs]),
         "decode_tokens_per_s": _stats([b * gen_len / r["decode_s"] for r in runs]),
         "ttft_ms": _stats([1000 * r["ttft_s"] for r in runs]),
@@ -418,15 +529,26 @@ def _result(bm: BenchModel, runs: list[dict], p: int, b: int, gen_len: int, peak
         "kv_cache_bytes_per_token_analytic": kv_bytes_per_token_analytic(bm.model),
         "kv_cache_layers": runs[0]["cache_layers"],
         "peak_memory_bytes": peak,
-        "theory": {"prefill_flops": prefill_flops(bm.model, p, b, positions),
-                   "decode_bytes_per_step": decode_bytes_per_step(bm.model, p, gen_len, b)},
+        "theory": {
+            "prefill_flops": prefill_flops(bm.model, p, b, positions),
+            "decode_bytes_per_step": decode_bytes_per_step(bm.model, p, gen_len, b),
+        },
         "samples": {k: [r[k] for r in runs] for k in ("prefill_s", "ttft_s", "decode_s")},
     }
 
 
-def run_benchmark(entries: list[BenchModel], *, prompt_lens=(128, 512, 2048), gen_len: int = 128,
-                  batch_sizes=(1, 8), repeats: int = 5, warmup: int = 2, seed: int = 0, memory: bool = True,
-                  progress: bool = True) -> dict:
+def run_benchmark(
+    entries: list[BenchModel],
+    *,
+    prompt_lens=(128, 512, 2048),
+    gen_len: int = 128,
+    batch_sizes=(1, 8),
+    repeats: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    memory: bool = True,
+    progress: bool = True,
+) -> dict:
     """Measure already built models (``entries[0]`` is the baseline); returns the JSON-able report."""
     from tqdm.auto import tqdm
 
@@ -437,8 +559,10 @@ def run_benchmark(entries: list[BenchModel], *, prompt_lens=(128, 512, 2048), ge
     for bm in entries:
         check_finite(bm, device)
     configs = [(p, b) for p in prompt_lens for b in batch_sizes]
-    own_bytes = {bm.name: sum(t.numel() * t.element_size() for t in [*bm.model.parameters(), *bm.model.buffers()])
-                 for bm in entries}
+    own_bytes = {
+        bm.name: sum(t.numel() * t.element_size() for t in [*bm.model.parameters(), *bm.model.buffers()])
+        for bm in entries
+    }
     samples = {(bm.name, p, b): [] for bm in entries for p, b in configs}
     cuda_peaks = {key: 0 for key in samples}
     order = []
@@ -476,8 +600,10 @@ def run_benchmark(entries: list[BenchModel], *, prompt_lens=(128, 512, 2048), ge
         rows = [_result(bm, samples[(bm.name, p, b)], p, b, gen_len, peaks.get((bm.name, p, b))) for bm in entries]
         base = rows[0]
         for row in rows:  # speedups against the baseline measured in the same run, beside their bounds
-            bound = {"prefill": base["theory"]["prefill_flops"] / row["theory"]["prefill_flops"],
-                     "decode": base["theory"]["decode_bytes_per_step"] / row["theory"]["decode_bytes_per_step"]}
+            bound = {
+                "prefill": base["theory"]["prefill_flops"] / row["theory"]["prefill_flops"],
+                "decode": base["theory"]["decode_bytes_per_step"] / row["theory"]["decode_bytes_per_step"],
+            }
             speedup = {k: row[f"{k}_tokens_per_s"]["median"] / base[f"{k}_tokens_per_s"]["median"] for k in bound}
             row.update(speedup=speedup, bound=bound, of_bound={k: speedup[k] / bound[k] for k in bound})
         results += rows
@@ -491,15 +617,33 @@ def run_benchmark(entries: list[BenchModel], *, prompt_lens=(128, 512, 2048), ge
         "format": FORMAT,
         "device": device_name(device),
         "dtype": ",".join(dtypes),
-        "versions": {"llmdrop": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "settings": {"prompt_lens": list(prompt_lens), "batch_sizes": list(batch_sizes), "gen_len": gen_len,
-                     "repeats": repeats, "warmup": warmup, "seed": seed, "peak_memory": method},
+        "versions": {
+            "llmdrop": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "prompt_lens": list(prompt_lens),
+            "batch_sizes": list(batch_sizes),
+            "gen_len": gen_len,
+            "repeats": repeats,
+            "warmup": warmup,
+            "seed": seed,
+            "peak_memory": method,
+        },
         "baseline": entries[0].name,
-        "models": [{"name": bm.name, "spec": bm.spec, "num_layers": bm.model.config.num_hidden_layers,
-                    "kept_attention_layers": kept_attention_layers(bm.model.config),
-                    "parameter_bytes": own_bytes[bm.name], "weight_bytes_per_decode_step": weight_bytes_per_step(bm.model)}
-                   for bm in entries],
+        "models": [
+            {
+                "name": bm.name,
+                "spec": bm.spec,
+                "num_layers": bm.model.config.num_hidden_layers,
+                "kept_attention_layers": attention_layer_count(bm.model.config),
+                "parameter_bytes": own_bytes[bm.name],
+                "weight_bytes_per_decode_step": weight_bytes_per_step(bm.model),
+            }
+            for bm in entries
+        ],
         "order": order,
         "results": results,
     }
@@ -531,19 +675,37 @@ def bench(
     torch_device = resolve_device(device)
     resolve_dtype(dtype)  # validate early
     _check_settings(prompt_lens, batch_sizes, gen_len, repeats, warmup)
-    specs = model_specs(list(models), random_weights=random_weights, device=torch_device, dtype=dtype, seed=seed,
-                        gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    specs = model_specs(
+        list(models),
+        random_weights=random_weights,
+        device=torch_device,
+        dtype=dtype,
+        seed=seed,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+    )
     if random_weights:  # fail on a bad shape / variant before building anything big
         config = shape_config(random_weights)
         for _, spec in specs:
             parse_variant(spec["variant"], config.num_hidden_layers)
         limit = getattr(config, "max_position_embeddings", None)
         if limit and max(prompt_lens) + gen_len > limit:
-            raise LlmdropError(f"prompt length {max(prompt_lens)} + gen length {gen_len} exceeds "
-                               f"{random_weights}'s max_position_embeddings ({limit})")
+            raise LlmdropError(
+                f"prompt length {max(prompt_lens)} + gen length {gen_len} exceeds "
+                f"{random_weights}'s max_position_embeddings ({limit})"
+            )
     entries = [BenchModel(name, build(spec), spec) for name, spec in specs]
-    report = run_benchmark(entries, prompt_lens=prompt_lens, gen_len=gen_len, batch_sizes=batch_sizes,
-                           repeats=repeats, warmup=warmup, seed=seed, memory=memory, progress=progress)
+    report = run_benchmark(
+        entries,
+        prompt_lens=prompt_lens,
+        gen_len=gen_len,
+        batch_sizes=batch_sizes,
+        repeats=repeats,
+        warmup=warmup,
+        seed=seed,
+        memory=memory,
+        progress=progress,
+    )
     if random_weights:
         report["random_weights"] = random_weights
     if out:
@@ -558,6 +720,7 @@ def bench(
 
 
 # ---------------------------------------------------------------------------------------------- output
+
 
 def _num(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
@@ -580,24 +743,54 @@ def _cells(row: dict, base: bool, rich: bool) -> list[str]:
 
     peak = row["peak_memory_bytes"]
     kv, kv_a = row["kv_cache_bytes_per_token"], row["kv_cache_bytes_per_token_analytic"]
-    return [row["model"], str(row["prompt_len"]), str(row["batch_size"]), speed("prefill"), vs_bound("prefill"),
-            f"{row['ttft_ms']['median']:,.1f}", speed("decode"), vs_bound("decode"),
-            "–" if peak is None else f"{peak / 2**20:,.0f}",
-            f"{kv:,}" if kv == kv_a else f"{kv} (analytic {kv_a:,})"]
+    return [
+        row["model"],
+        str(row["prompt_len"]),
+        str(row["batch_size"]),
+        speed("prefill"),
+        vs_bound("prefill"),
+        f"{row['ttft_ms']['median']:,.1f}",
+        speed("decode"),
+        vs_bound("decode"),
+        "–" if peak is None else f"{peak / 2**20:,.0f}",
+        f"{kv:,}" if kv == kv_a else f"{kv} (analytic {kv_a:,})",
+    ]
 
 
-HEADERS = ["model", "prompt", "batch", "prefill tok/s (min–max)", "prefill speedup / bound = share", "TTFT ms",
-           "decode tok/s (min–max)", "decode speedup / bound = share", "peak MiB", "KV B/token"]
-RICH_HEADERS = ["model", "prompt", "batch", "prefill tok/s", "prefill ×", "TTFT ms", "decode tok/s", "decode ×",
-                "peak MiB", "KV B/tok"]
+HEADERS = [
+    "model",
+    "prompt",
+    "batch",
+    "prefill tok/s (min–max)",
+    "prefill speedup / bound = share",
+    "TTFT ms",
+    "decode tok/s (min–max)",
+    "decode speedup / bound = share",
+    "peak MiB",
+    "KV B/token",
+]
+RICH_HEADERS = [
+    "model",
+    "prompt",
+    "batch",
+    "prefill tok/s",
+    "prefill ×",
+    "TTFT ms",
+    "decode tok/s",
+    "decode ×",
+    "peak MiB",
+    "KV B/tok",
+]
 
 
 def results_table(report: dict):
     from rich.table import Table
 
     s = report["settings"]
-    table = Table(title=f"{report['device']}, {report['dtype']}, gen {s['gen_len']}, median (min–max) of {s['repeats']}",
-                  caption="× = measured speedup vs the first model / theoretical bound = share of the bound reached")
+    table = Table(
+        title=f"{report['device']}, {report['dtype']}, gen {s['gen_len']}, median (min–max) of {s['repeats']}",
+        caption="× = measured speedup vs the first model / theoretical bound = share of the bound reached",
+    )
     for h in RICH_HEADERS:
         table.add_column(h, justify="left" if h == "model" else "right", overflow="fold")
     last = report["models"][-1]["name"]
@@ -617,8 +810,9 @@ def print_table(report: dict, console) -> None:
 
 def markdown_table(report: dict) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|---|" + "--:|" * (len(HEADERS) - 1)]
-    lines += ["| " + " | ".join(_cells(r, r["model"] == report["baseline"], rich=False)) + " |"
-              for r in report["results"]]
+    lines += [
+        "| " + " | ".join(_cells(r, r["model"] == report["baseline"], rich=False)) + " |" for r in report["results"]
+    ]
     return "\n".join(lines)
 
 
@@ -634,13 +828,27 @@ def plot_report(report: dict, path) -> None:
     for ax, key, title in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), ("prefill", "decode")):
         for i, m in enumerate(report["models"]):
             for j, b in enumerate(batches):
-                rows = sorted((r for r in report["results"] if r["model"] == m["name"] and r["batch_size"] == b),
-                              key=lambda r: r["prompt_len"])
+                rows = sorted(
+                    (r for r in report["results"] if r["model"] == m["name"] and r["batch_size"] == b),
+                    key=lambda r: r["prompt_len"],
+                )
                 x = [r["prompt_len"] for r in rows]
                 y = [r[key]["median"] for r in rows]
-                err = [[r[key]["median"] - r[key]["min"] for r in rows], [r[key]["max"] - r[key]["median"] for r in rows]]
-                ax.errorbar(x, y, yerr=err, color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4], marker="o",
-                            markersize=3, capsize=2, label=f"{m['name']} (batch {b})")
+                err = [
+                    [r[key]["median"] - r[key]["min"] for r in rows],
+                    [r[key]["max"] - r[key]["median"] for r in rows],
+                ]
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=err,
+                    color=f"C{i}",
+                    linestyle=["-", "--", ":", "-."][j % 4],
+                    marker="o",
+                    markersize=3,
+                    capsize=2,
+                    label=f"{m['name']} (batch {b})",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xticks(report["settings"]["prompt_lens"], [str(p) for p in report["settings"]["prompt_lens"]])
         ax.minorticks_off()

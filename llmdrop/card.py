@@ -52,8 +52,11 @@ def gguf_note(source: dict) -> list[str]:
         return []
     kind = _GGUF_TYPE.search(Path(gguf).stem)
     kind = f" (quantized to {kind.group(1).upper()})" if kind else ""
-    return [f"The weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
-            "floating point when llmdrop loaded it, and keep that quantization's rounding error.", ""]
+    return [
+        f"The weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
+        "floating point when llmdrop loaded it, and keep that quantization's rounding error.",
+        "",
+    ]
 
 
 def _fmt_rate(value) -> str:
@@ -71,11 +74,19 @@ def _text_name(text: str) -> str:
 
 
 def eval_section(results: list[dict]) -> list[str]:
-    lines = ["## Perplexity", "", "Measured with `llmdrop eval` (non-overlapping blocks, lower is better).", "",
-             "| text | blocks x tokens | tokens scored | perplexity |", "|---|--:|--:|--:|"]
+    lines = [
+        "## Perplexity",
+        "",
+        "Measured with `llmdrop eval` (non-overlapping blocks, lower is better).",
+        "",
+        "| text | blocks x tokens | tokens scored | perplexity |",
+        "|---|--:|--:|--:|",
+    ]
     for r in results:
-        lines.append(f"| {_text_name(r['text'])} | {r.get('samples', '-')} x {r['seq_len']} | "
-                     f"{r.get('tokens', 0):,} | {r['perplexity']:.3f} |")
+        lines.append(
+            f"| {_text_name(r['text'])} | {r.get('samples', '-')} x {r['seq_len']} | "
+            f"{r.get('tokens', 0):,} | {r['perplexity']:.3f} |"
+        )
     return lines + [""]
 
 
@@ -85,9 +96,15 @@ def bench_section(report: dict, plot: str | None = None) -> list[str]:
     where = ", ".join(str(x) for x in (report.get("device"), report.get("dtype")) if x)
     runs = f"median of {s['repeats']} runs" if "repeats" in s else "median"
     gen = f", {s['gen_len']} new tokens per run" if "gen_len" in s else ""
-    lines = ["## Speed", "", f"Measured with `llmdrop bench`{f' on {where}' if where else ''}{gen}; {runs} "
-             f"(x = speedup against the first model{f', `{baseline}`' if baseline else ''}).", "",
-             "| model | prompt | batch | prefill tok/s | decode tok/s |", "|---|--:|--:|--:|--:|"]
+    lines = [
+        "## Speed",
+        "",
+        f"Measured with `llmdrop bench`{f' on {where}' if where else ''}{gen}; {runs} "
+        f"(x = speedup against the first model{f', `{baseline}`' if baseline else ''}).",
+        "",
+        "| model | prompt | batch | prefill tok/s | decode tok/s |",
+        "|---|--:|--:|--:|--:|",
+    ]
     for r in report["results"]:
         cells = []
         for kind in ("prefill", "decode"):
@@ -102,9 +119,17 @@ def bench_section(report: dict, plot: str | None = None) -> list[str]:
     return lines
 
 
-def model_card(record: dict, *, base_model: str | None = None, repo_id: str | None = None,
-               plot: str | None = None, eval_results: list[dict] | None = None, bench: dict | None = None,
-               bench_plot: str | None = None, user_text: str = "") -> str:
+def model_card(
+    record: dict,
+    *,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    plot: str | None = None,
+    eval_results: list[dict] | None = None,
+    bench: dict | None = None,
+    bench_plot: str | None = None,
+    user_text: str = "",
+) -> str:
     """The card for the export described by ``record`` (its ``llmdrop.json``).
 
     ``repo_id`` goes into the loading snippet; ``plot`` / ``bench_plot`` are image files in the folder;
@@ -147,26 +172,40 @@ def model_card(record: dict, *, base_model: str | None = None, repo_id: str | No
             "",
         ]
     else:  # `llmdrop act apply` on a model with nothing dropped
-        lines += [f"# {name} with attention calibration by llmdrop", "",
-                  f"This checkpoint is {link} with nothing removed.", ""]
+        lines += [
+            f"# {name} with attention calibration by llmdrop",
+            "",
+            f"This checkpoint is {link} with nothing removed.",
+            "",
+        ]
     lines += gguf_note(src)
     act = record.get("attention_calibration")
     if act:
         heads = ", ".join(f"{l}.{h}" for l, h in act["heads"])
-        lines += [f"Attention-sink calibration (ACT, `llmdrop act apply`): in heads (layer.head) {heads}, attention "
-                  f"to sink tokens other than the first (mean attention > {act['threshold']}) is scaled by "
-                  f"{act['beta']}; `attention_calibration` in config.json, applied by the remote code.", ""]
+        lines += [
+            f"Attention-sink calibration (ACT, `llmdrop act apply`): in heads (layer.head) {heads}, attention "
+            f"to sink tokens other than the first (mean attention > {act['threshold']}) is scaled by "
+            f"{act['beta']}; `attention_calibration` in config.json, applied by the remote code.",
+            "",
+        ]
     lines += [f"Layers: {src['num_layers']} -> {exported['num_layers']}. Saved dtype: {exported['dtype']}."]
     calib = record.get("calibration")
     if calib:
-        lines += ["", f"Calibration: `{calib.get('source')}`, {calib.get('samples')} x {calib.get('seq_len')} tokens, "
-                  f"seed {calib.get('seed')}."]
+        lines += [
+            "",
+            f"Calibration: `{calib.get('source')}`, {calib.get('samples')} x {calib.get('seq_len')} tokens, "
+            f"seed {calib.get('seed')}.",
+        ]
     if plot:
         metric = (record.get("scores") or {}).get("metric", "cosine")
         measure = "arccos(cosine similarity) / pi" if metric == "angular" else "1 - cosine similarity"
-        lines += ["", f"![Importance of every attention sublayer, MLP sublayer and block]({plot})", "",
-                  f"Importance per layer: {measure} of the residual stream before and after each part "
-                  "(lower = more redundant)."]
+        lines += [
+            "",
+            f"![Importance of every attention sublayer, MLP sublayer and block]({plot})",
+            "",
+            f"Importance per layer: {measure} of the residual stream before and after each part "
+            "(lower = more redundant).",
+        ]
     lines.append("")
     if eval_results:
         lines += eval_section(eval_results)
@@ -193,10 +232,17 @@ def model_card(record: dict, *, base_model: str | None = None, repo_id: str | No
             "",
         ]
     else:
-        lines += ["Only whole blocks were removed, so this is a plain checkpoint of the base architecture: no "
-                  "custom code is needed.", ""]
-    lines += ["`llmdrop.json` records the source, the plan, the importance scores and the versions used.", "",
-              END_MARKER, ""]
+        lines += [
+            "Only whole blocks were removed, so this is a plain checkpoint of the base architecture: no "
+            "custom code is needed.",
+            "",
+        ]
+    lines += [
+        "`llmdrop.json` records the source, the plan, the importance scores and the versions used.",
+        "",
+        END_MARKER,
+        "",
+    ]
     return "\n".join(lines) + user_text
 
 
@@ -215,8 +261,9 @@ def load_eval_results(folder) -> list[dict]:
     if not path.is_file():
         return []
     results = _read_json(path, "perplexity results")
-    if not isinstance(results, list) or not all(isinstance(r, dict) and {"text", "seq_len", "perplexity"} <= r.keys()
-                                                for r in results):
+    if not isinstance(results, list) or not all(
+        isinstance(r, dict) and {"text", "seq_len", "perplexity"} <= r.keys() for r in results
+    ):
         raise LlmdropError(f"{path} is not a list of `llmdrop eval` results (text, seq_len, perplexity)")
     return results
 
@@ -252,8 +299,9 @@ def load_bench_results(folder) -> dict | None:
         return None
     report = _read_json(path, "benchmark results")
     ok = isinstance(report, dict) and report.get("format") == BENCH_FORMAT and isinstance(report.get("results"), list)
-    if not ok or not all(isinstance(r, dict) and {"model", "prompt_len", "batch_size"} <= r.keys()
-                         for r in report["results"]):
+    if not ok or not all(
+        isinstance(r, dict) and {"model", "prompt_len", "batch_size"} <= r.keys() for r in report["results"]
+    ):
         raise LlmdropError(f"{path} is not a {BENCH_FORMAT} file (write it with `llmdrop bench ... --json {path}`)")
     return report
 
@@ -290,9 +338,16 @@ def refresh_card(folder, *, repo_id: str | None = None) -> tuple[str | None, str
     plot = next((name for name in PLOT_FILES if (folder / name).is_file()), None)
     bench_plot = next((name for name in BENCH_PLOT_FILES if (folder / name).is_file()), None)
     try:
-        text = model_card(record, base_model=_front_matter_base_model(old or ""), repo_id=repo_id, plot=plot,
-                          eval_results=load_eval_results(folder), bench=load_bench_results(folder),
-                          bench_plot=bench_plot, user_text=user_text)
+        text = model_card(
+            record,
+            base_model=_front_matter_base_model(old or ""),
+            repo_id=repo_id,
+            plot=plot,
+            eval_results=load_eval_results(folder),
+            bench=load_bench_results(folder),
+            bench_plot=bench_plot,
+            user_text=user_text,
+        )
     except (KeyError, TypeError, AttributeError) as e:
         raise LlmdropError(f"cannot build the model card from {record_path}: missing or malformed {e}") from None
     status = "created" if old is None else "unchanged" if text == old else "refreshed"

@@ -21,14 +21,32 @@ app = typer.Typer(
 )
 
 # Options shared by several verbs.
-Model = Annotated[Optional[str], typer.Argument(help="Hub id, local checkpoint dir, .gguf file, or builtin alias smollm2-135m (default).", show_default=False)]
+Model = Annotated[
+    Optional[str],
+    typer.Argument(
+        help="Hub id, local checkpoint dir, .gguf file, or builtin alias smollm2-135m (default).", show_default=False
+    ),
+]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto picks CUDA when present).")]
-Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's; GGUF: float32).")]
+Dtype = Annotated[
+    str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's; GGUF: float32).")
+]
 GgufFile = Annotated[Optional[str], typer.Option("--gguf-file", help="GGUF file name inside MODEL (a directory).")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Allow custom code of non-llmdrop checkpoints.")]
-Calib = Annotated[str, typer.Option(help="Calibration text: self (sampled from the model, offline), a .txt/.jsonl/.json/.parquet file or directory, or hf:NAME[:CONFIG][:SPLIT].")]
-Samples = Annotated[Optional[int], typer.Option(help="Calibration blocks [default: 32 for self, 128 otherwise].", show_default=False)]
-SeqLen = Annotated[Optional[int], typer.Option("--seq-len", help="Tokens per block [default: 256 for self, 2048 otherwise].", show_default=False)]
+Calib = Annotated[
+    str,
+    typer.Option(
+        help="Calibration text: self (sampled from the model, offline), a .txt/.jsonl/.json/.parquet file or "
+        "directory, or hf:NAME[:CONFIG][:SPLIT]."
+    ),
+]
+Samples = Annotated[
+    Optional[int], typer.Option(help="Calibration blocks [default: 32 for self, 128 otherwise].", show_default=False)
+]
+SeqLen = Annotated[
+    Optional[int],
+    typer.Option("--seq-len", help="Tokens per block [default: 256 for self, 2048 otherwise].", show_default=False),
+]
 Seed = Annotated[int, typer.Option(help="Seed for sampling and block selection.")]
 Metric = Annotated[str, typer.Option(help="cosine (1 - cos) or angular (arccos(cos) / pi).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")]
@@ -38,16 +56,22 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON 
 _state = {"debug": bool(os.environ.get("LLMDROP_DEBUG"))}
 
 # The options of "which model and how to load it", added to every command that loads one (see model_options).
-_LOAD_OPTIONS = [("device", Device, "auto"), ("dtype", Dtype, "auto"), ("gguf_file", GgufFile, None),
-                 ("trust_remote_code", TrustRemote, False)]
+_LOAD_OPTIONS = [
+    ("device", Device, "auto"),
+    ("dtype", Dtype, "auto"),
+    ("gguf_file", GgufFile, None),
+    ("trust_remote_code", TrustRemote, False),
+]
 _CALIB_OPTIONS = [("calib", Calib, "self"), ("samples", Samples, None), ("seq_len", SeqLen, None), ("seed", Seed, 0)]
 
 
 def _with_options(fn, options, build):
     """Append ``options`` to ``fn``'s CLI signature; the wrapper turns their values into one object (``build``)."""
     sig = inspect.signature(fn)
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in options]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in options
+    ]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -115,8 +139,12 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors (also LLMDROP_DEBUG=1).")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback on errors (also LLMDROP_DEBUG=1).")
+    ] = False,
 ):
     if debug:
         _state["debug"] = True
@@ -158,21 +186,46 @@ def score_cmd(
 @calib_options
 def drop_cmd(
     model: Model = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
+    out: Annotated[
+        Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)
+    ] = None,
     attn: Annotated[int, typer.Option(help="Drop the N least important attention sublayers.")] = 0,
     mlp: Annotated[int, typer.Option(help="Drop the N least important MLP sublayers.")] = 0,
     blocks: Annotated[int, typer.Option(help="Drop the N least important whole blocks.")] = 0,
     joint: Annotated[int, typer.Option(help="Drop N sublayers, attention and MLP ranked together.")] = 0,
-    attn_layers: Annotated[Optional[str], typer.Option("--attn-layers", help="Explicit 0-based attention layers, e.g. 3,5,20-29.")] = None,
+    attn_layers: Annotated[
+        Optional[str], typer.Option("--attn-layers", help="Explicit 0-based attention layers, e.g. 3,5,20-29.")
+    ] = None,
     mlp_layers: Annotated[Optional[str], typer.Option("--mlp-layers", help="Explicit 0-based MLP layers.")] = None,
     block_layers: Annotated[Optional[str], typer.Option("--block-layers", help="Explicit 0-based blocks.")] = None,
-    scores: Annotated[Optional[str], typer.Option(help="Reuse a scores JSON from `llmdrop score` instead of scoring.")] = None,
-    force_scores: Annotated[bool, typer.Option("--force-scores", help="Use --scores even if they record another model (e.g. the same checkpoint moved).")] = False,
+    scores: Annotated[
+        Optional[str], typer.Option(help="Reuse a scores JSON from `llmdrop score` instead of scoring.")
+    ] = None,
+    force_scores: Annotated[
+        bool,
+        typer.Option(
+            "--force-scores", help="Use --scores even if they record another model (e.g. the same checkpoint moved)."
+        ),
+    ] = False,
     iterative: Annotated[bool, typer.Option(help="Re-score after every single drop (in process).")] = False,
-    skip_attention_from: Annotated[Optional[int], typer.Option("--skip-attention-from", help="Drop attention in layers K..L-1 (as `llmdrop probe --manipulation skip-attention` at K).", show_default=False)] = None,
+    skip_attention_from: Annotated[
+        Optional[int],
+        typer.Option(
+            "--skip-attention-from",
+            help="Drop attention in layers K..L-1 (as `llmdrop probe --manipulation skip-attention` at K).",
+            show_default=False,
+        ),
+    ] = None,
     metric: Metric = "cosine",
     batch_size: BatchSize = 1,
-    fmt: Annotated[str, typer.Option("--format", help="Checkpoint format: auto (vanilla when only whole blocks go, else llmdrop), vanilla, or llmdrop (remote code).")] = "auto",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Checkpoint format: auto (vanilla when only whole blocks go, else llmdrop), vanilla, or llmdrop "
+            "(remote code).",
+        ),
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     json_out: Json = False,
     calib=None,
@@ -184,17 +237,37 @@ def drop_cmd(
     from . import api
     from .report import console
 
-    path, plan = api.drop(model, out, attn=attn, mlp=mlp, blocks=blocks, joint=joint, attn_layers=attn_layers,
-                          mlp_layers=mlp_layers, block_layers=block_layers, scores=scores, force_scores=force_scores,
-                          iterative=iterative, skip_attention_from=skip_attention_from, calib=calib, metric=metric,
-                          batch_size=batch_size, dtype=model.dtype, fmt=fmt, overwrite=overwrite)
+    path, plan = api.drop(
+        model,
+        out,
+        attn=attn,
+        mlp=mlp,
+        blocks=blocks,
+        joint=joint,
+        attn_layers=attn_layers,
+        mlp_layers=mlp_layers,
+        block_layers=block_layers,
+        scores=scores,
+        force_scores=force_scores,
+        iterative=iterative,
+        skip_attention_from=skip_attention_from,
+        calib=calib,
+        metric=metric,
+        batch_size=batch_size,
+        dtype=model.dtype,
+        fmt=fmt,
+        overwrite=overwrite,
+    )
     exported = json.loads((path / "llmdrop.json").read_text())["exported"]
     if json_out:
         typer.echo(json.dumps({"out": str(path), "plan": plan.to_dict(), "format": exported["format"]}, indent=2))
     else:
         why = f" ({'; '.join(exported['format_reason'])})" if exported.get("format_reason") else ""
-        console.print(f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "
-                      f"mlp {plan.mlp})\nwrote {path} in the {exported['format']} format{why}", soft_wrap=True)
+        console.print(
+            f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "
+            f"mlp {plan.mlp})\nwrote {path} in the {exported['format']} format{why}",
+            soft_wrap=True,
+        )
 
 
 @app.command("eval")
@@ -202,12 +275,29 @@ def drop_cmd(
 @model_options
 def eval_cmd(
     model: Model = None,
-    text: Annotated[Optional[str], typer.Option(help="Text file(s) (.txt/.jsonl/.json/.parquet or a directory) [default: the English sample shipped with llmdrop].", show_default=False)] = None,
+    text: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Text file(s) (.txt/.jsonl/.json/.parquet or a directory) [default: the English sample shipped with "
+            "llmdrop].",
+            show_default=False,
+        ),
+    ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = 512,
-    samples: Annotated[Optional[int], typer.Option(help="Use only this many blocks (seeded choice) [default: all].", show_default=False)] = None,
+    samples: Annotated[
+        Optional[int],
+        typer.Option(help="Use only this many blocks (seeded choice) [default: all].", show_default=False),
+    ] = None,
     seed: Seed = 0,
     batch_size: BatchSize = 1,
-    save: Annotated[bool, typer.Option("--save", help="Also record the result in MODEL/eval_results.json (MODEL must be a local directory); `llmdrop push` puts it in the model card.")] = False,
+    save: Annotated[
+        bool,
+        typer.Option(
+            "--save",
+            help="Also record the result in MODEL/eval_results.json (MODEL must be a local directory); `llmdrop push` "
+            "puts it in the model card.",
+        ),
+    ] = False,
     json_out: Json = False,
 ):
     """Perplexity on text (non-overlapping blocks). llmdrop exports load their remote code on their own.
@@ -219,14 +309,17 @@ def eval_cmd(
     from . import api
     from .report import console
 
-    result = api.evaluate(model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size,
-                          save=save)
+    result = api.evaluate(
+        model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size, save=save
+    )
     saved = result.pop("saved_to", None)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
-        console.print(f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
-                      f"({result['samples']} x {result['seq_len']}) of {result['text']}")
+        console.print(
+            f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
+            f"({result['samples']} x {result['seq_len']}) of {result['text']}"
+        )
         if saved:
             console.print(f"wrote {saved}", soft_wrap=True)
 
@@ -236,59 +329,152 @@ def eval_cmd(
 @model_options
 @calib_options
 def quantize_cmd(
-    model: Annotated[Optional[str], typer.Argument(metavar="SRC", help="Checkpoint to quantize: an llmdrop export, local dir, Hub id, .gguf file, or builtin alias smollm2-135m (default).", show_default=False)] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = None,
-    method: Annotated[str, typer.Option(help="gptq (symmetric groups) or awq (activation-aware scaling, groups with zero points).", show_default=False)] = ...,
+    model: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="SRC",
+            help="Checkpoint to quantize: an llmdrop export, local dir, Hub id, .gguf file, or builtin alias "
+            "smollm2-135m (default).",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)
+    ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="gptq (symmetric groups) or awq (activation-aware scaling, groups with zero points).",
+            show_default=False,
+        ),
+    ] = ...,
     bits: Annotated[int, typer.Option(help="Weight bits: 4 or 8.")] = 4,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Weights sharing one scale; must divide every quantized layer's input size [default: the largest of 128, 64, 32 that does (vLLM's Marlin kernels)].", show_default=False)] = None,
-    symmetric: Annotated[Optional[bool], typer.Option("--symmetric/--asymmetric", help="Scales only, or scales and zero points [default: symmetric for gptq, asymmetric for awq].", show_default=False)] = None,
-    observer: Annotated[str, typer.Option(help="Group scales from the min/max or the least-squared-error clipping: auto | minmax | mse (auto: mse for gptq, minmax for awq).")] = "auto",
+    group_size: Annotated[
+        Optional[int],
+        typer.Option(
+            "--group-size",
+            help="Weights sharing one scale; must divide every quantized layer's input size [default: the largest of "
+            "128, 64, 32 that does (vLLM's Marlin kernels)].",
+            show_default=False,
+        ),
+    ] = None,
+    symmetric: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--symmetric/--asymmetric",
+            help="Scales only, or scales and zero points [default: symmetric for gptq, asymmetric for awq].",
+            show_default=False,
+        ),
+    ] = None,
+    observer: Annotated[
+        str,
+        typer.Option(
+            help="Group scales from the min/max or the least-squared-error clipping: auto | minmax | mse (auto: mse "
+            "for gptq, minmax for awq)."
+        ),
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show llm-compressor's own log (INFO and per-layer error metrics, on stdout).")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Show llm-compressor's own log (INFO and per-layer error metrics, on stdout)."),
+    ] = False,
     json_out: Json = False,
     calib=None,
 ):
-    """Quantize weights to 4 / 8 bits with llm-compressor (GPTQ or AWQ) into a compressed-tensors checkpoint that transformers loads and vLLM serves. Needs `pip install 'llmdrop[quant]'`.
+    """Quantize weights to 4 / 8 bits with llm-compressor (GPTQ or AWQ) into a compressed-tensors checkpoint
+    that transformers loads and vLLM serves. Needs `pip install 'llmdrop[quant]'`.
 
     Example: `llmdrop quantize smollm2-drop8attn -o smollm2-drop8attn-gptq --method gptq --group-size 64`
     """
     from .quantize import quantize
     from .report import console
 
-    result = quantize(model, out, method=method, bits=bits, group_size=group_size, symmetric=symmetric, observer=observer,
-                      calib=calib, overwrite=overwrite, verbose=verbose)
+    result = quantize(
+        model,
+        out,
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        symmetric=symmetric,
+        observer=observer,
+        calib=calib,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
     if json_out:
         typer.echo(json.dumps(result, indent=2))
     else:
         c = result["calibration"]
-        console.print(f"quantized {result['quantized_modules']} Linear layers with {result['method'].upper()} "
-                      f"({result['scheme']}, group size {result['group_size']}, {result['observer']} scales; calibration {c['samples']} x "
-                      f"{c['seq_len']} tokens) in {result['seconds']:.0f} s; weights {result['weights_bytes'] / 2**20:.1f} MiB"
-                      f"\nwrote {result['out']}")
+        console.print(
+            f"quantized {result['quantized_modules']} Linear layers with {result['method'].upper()} "
+            f"({result['scheme']}, group size {result['group_size']}, {result['observer']} scales; "
+            f"calibration {c['samples']} x "
+            f"{c['seq_len']} tokens) in {result['seconds']:.0f} s; weights {result['weights_bytes'] / 2**20:.1f} MiB"
+            f"\nwrote {result['out']}"
+        )
 
 
 @app.command("bench")
 @cli_errors
 def bench_cmd(
-    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Checkpoints to compare (Hub id, dir, .gguf, smollm2-135m); the first is the baseline. With --random-weights: variants base, attn:N, mlp:N, blocks:N (the N last layers) or lists like attn:16-31, joined with + (attn:8+blocks:2).", show_default=False)],
-    random_weights: Annotated[Optional[str], typer.Option("--random-weights", help="Benchmark this architecture at real size with random weights: builtin shape (tiny, llama-1b, llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b), a config.json or a checkpoint dir.")] = None,
-    prompt_lens: Annotated[str, typer.Option("--prompt-lens", help="Comma-separated prompt lengths (random tokens, no padding).")] = "128,512,2048",
-    gen_len: Annotated[int, typer.Option("--gen-len", help="Decode steps per run (one token each, KV cache fed back).")] = 128,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="MODEL",
+            help="Checkpoints to compare (Hub id, dir, .gguf, smollm2-135m); the first is the baseline. With --random-"
+            "weights: variants base, attn:N, mlp:N, blocks:N (the N last layers) or lists like attn:16-31, joined"
+            " with + (attn:8+blocks:2).",
+            show_default=False,
+        ),
+    ],
+    random_weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--random-weights",
+            help="Benchmark this architecture at real size with random weights: builtin shape (tiny, llama-1b, "
+            "llama-2-7b, llama-3-8b, mistral-7b, qwen2.5-7b), a config.json or a checkpoint dir.",
+        ),
+    ] = None,
+    prompt_lens: Annotated[
+        str, typer.Option("--prompt-lens", help="Comma-separated prompt lengths (random tokens, no padding).")
+    ] = "128,512,2048",
+    gen_len: Annotated[
+        int, typer.Option("--gen-len", help="Decode steps per run (one token each, KV cache fed back).")
+    ] = 128,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
     repeats: Annotated[int, typer.Option(help="Timed runs per model and setting (median, min-max reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed full runs per model and setting first.")] = 2,
     device: Device = "auto",
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16 (auto: checkpoints keep theirs; random weights: bfloat16 on CUDA, float32 on CPU).")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto | float32 | bfloat16 | float16 (auto: checkpoints keep theirs; random weights: bfloat16 on "
+            "CUDA, float32 on CPU)."
+        ),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for prompts and random weights.")] = 0,
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure peak memory (CPU: one child process per model).")] = True,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write every raw sample and the summary as JSON here (e.g. DIR/bench_results.json for the model card).")] = None,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure peak memory (CPU: one child process per model).")
+    ] = True,
+    out: Annotated[
+        Optional[str],
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write every raw sample and the summary as JSON here (e.g. DIR/bench_results.json for the model "
+            "card).",
+        ),
+    ] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of throughput against prompt length.")] = None,
     markdown: Annotated[Optional[str], typer.Option(help="Write the table as Markdown here.")] = None,
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemote = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout instead of the table.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the JSON report on stdout instead of the table.")
+    ] = False,
 ):
-    """Prefill / decode throughput, time to first token, peak memory and KV-cache bytes per token, against the first model, with the theoretical speedup bound beside each measured speedup.
+    """Prefill / decode throughput, time to first token, peak memory and KV-cache bytes per token, against the
+    first model, with the theoretical speedup bound beside each measured speedup.
 
     Example: `llmdrop bench smollm2-135m ./smollm2-drop8attn --prompt-lens 128,512 -o bench.json`
 
@@ -297,10 +483,24 @@ def bench_cmd(
     from .bench import bench, parse_int_list, print_table
     from .report import console
 
-    report = bench(models, random_weights=random_weights, prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
-                   gen_len=gen_len, batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"), repeats=repeats,
-                   warmup=warmup, device=device, dtype=dtype, seed=seed, memory=memory, gguf_file=gguf_file,
-                   trust_remote_code=trust_remote_code, out=out, plot=plot, markdown=markdown)
+    report = bench(
+        models,
+        random_weights=random_weights,
+        prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
+        gen_len=gen_len,
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        repeats=repeats,
+        warmup=warmup,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        memory=memory,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        out=out,
+        plot=plot,
+        markdown=markdown,
+    )
     if json_out:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -313,13 +513,37 @@ def bench_cmd(
 @app.command("push")
 @cli_errors
 def push_cmd(
-    folder: Annotated[str, typer.Argument(metavar="DIR", help="Checkpoint directory to upload (e.g. from `llmdrop drop`).", show_default=False)],
-    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub model repo NAMESPACE/NAME; created if missing.", show_default=False)],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="Branch to commit to (created from main if missing) [default: main].", show_default=False)] = None,
-    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Commit message [default: Upload DIR with llmdrop VERSION].", show_default=False)] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and the commit; no network, nothing written.")] = False,
-    token: Annotated[Optional[str], typer.Option(help="Hub token with write access [default: $HF_TOKEN, else the `hf auth login` one].", show_default=False)] = None,
+    folder: Annotated[
+        str,
+        typer.Argument(
+            metavar="DIR", help="Checkpoint directory to upload (e.g. from `llmdrop drop`).", show_default=False
+        ),
+    ],
+    repo_id: Annotated[
+        str, typer.Option("--repo-id", help="Hub model repo NAMESPACE/NAME; created if missing.", show_default=False)
+    ],
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")
+    ] = False,
+    revision: Annotated[
+        Optional[str],
+        typer.Option(help="Branch to commit to (created from main if missing) [default: main].", show_default=False),
+    ] = None,
+    commit_message: Annotated[
+        Optional[str],
+        typer.Option(
+            "--commit-message", help="Commit message [default: Upload DIR with llmdrop VERSION].", show_default=False
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the files and the commit; no network, nothing written.")
+    ] = False,
+    token: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Hub token with write access [default: $HF_TOKEN, else the `hf auth login` one].", show_default=False
+        ),
+    ] = None,
     json_out: Json = False,
 ):
     """Upload a checkpoint directory to the Hugging Face Hub in one commit (the model card is refreshed first).
@@ -329,34 +553,44 @@ def push_cmd(
     from .hub import push
     from .report import console
 
-    result = push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
-                  dry_run=dry_run, token=token)
+    result = push(
+        folder, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run, token=token
+    )
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
     n, size = len(result["files"]), result["total_bytes"]
     visibility = "private" if private else "public"
-    card = {"refreshed": "README.md: model card refreshed from llmdrop.json",
-            "created": "README.md: model card created from llmdrop.json",
-            "unchanged": "README.md: model card up to date",
-            "kept": "README.md: kept as is (not written by llmdrop)",
-            "no-record": "README.md: kept as is (no llmdrop.json)"}[result["card"]]
+    card = {
+        "refreshed": "README.md: model card refreshed from llmdrop.json",
+        "created": "README.md: model card created from llmdrop.json",
+        "unchanged": "README.md: model card up to date",
+        "kept": "README.md: kept as is (not written by llmdrop)",
+        "no-record": "README.md: kept as is (no llmdrop.json)",
+    }[result["card"]]
     say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
     if dry_run:
-        say(f"dry run: would push {n} files ({size:,} bytes) to {result['repo_id']} (revision {result['revision']}, "
-            f"{visibility} if created) in one commit: {result['commit_message']!r}")
+        say(
+            f"dry run: would push {n} files ({size:,} bytes) to {result['repo_id']} (revision {result['revision']}, "
+            f"{visibility} if created) in one commit: {result['commit_message']!r}"
+        )
         for f in result["files"]:
             say(f"  {f['size']:>15,}  {f['path']}")
     else:
-        say(f"pushed {n} files ({size:,} bytes) to {result['repo_id']} (revision {result['revision']}) in commit "
-            f"{result['commit']}")
+        say(
+            f"pushed {n} files ({size:,} bytes) to {result['repo_id']} (revision {result['revision']}) in commit "
+            f"{result['commit']}"
+        )
     say(card)
     typer.echo(result["url"])
 
 
 # ---- analysis: probe / inject (Attend First) ----
 
-Layers = Annotated[Optional[str], typer.Option(help="0-based layers k to manipulate, e.g. 0-29 or 4,8,12 [default: all].", show_default=False)]
+Layers = Annotated[
+    Optional[str],
+    typer.Option(help="0-based layers k to manipulate, e.g. 0-29 or 4,8,12 [default: all].", show_default=False),
+]
 
 
 @app.command("probe")
@@ -364,10 +598,16 @@ Layers = Annotated[Optional[str], typer.Option(help="0-based layers k to manipul
 @model_options
 def probe_cmd(
     model: Model = None,
-    manipulation: Annotated[str, typer.Option(help="freeze | random | shuffle | skip-attention | all (comma lists too).")] = "all",
-    task: Annotated[str, typer.Option(help="capitals (built in) or a JSONL file of {\"prompt\", \"answer\"}.")] = "capitals",
+    manipulation: Annotated[
+        str, typer.Option(help="freeze | random | shuffle | skip-attention | all (comma lists too).")
+    ] = "all",
+    task: Annotated[
+        str, typer.Option(help='capitals (built in) or a JSONL file of {"prompt", "answer"}.')
+    ] = "capitals",
     layers: Layers = None,
-    samples: Annotated[Optional[int], typer.Option(help="Use a seeded subset of N prompts [default: all].", show_default=False)] = None,
+    samples: Annotated[
+        Optional[int], typer.Option(help="Use a seeded subset of N prompts [default: all].", show_default=False)
+    ] = None,
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
@@ -383,18 +623,31 @@ def probe_cmd(
     from .probing import harmless_from, probe
     from .report import console
 
-    result = probe(model, manipulation=manipulation, task=task, layers=layers, samples=samples, seed=seed,
-                   batch_size=batch_size, out=out, plot=plot)
+    result = probe(
+        model,
+        manipulation=manipulation,
+        task=task,
+        layers=layers,
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+        out=out,
+        plot=plot,
+    )
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
     kinds = list(dict.fromkeys(r["manipulation"] for r in result["results"]))
-    table = Table(title=f"{result['model']} on {result['task']} ({result['samples']} prompts): accuracy / gold log-prob; "
-                        f"baseline {result['baseline']['accuracy']:.2f} / {result['baseline']['gold_logprob']:.2f}")
+    table = Table(
+        title=f"{result['model']} on {result['task']} ({result['samples']} prompts): accuracy / gold log-prob; "
+        f"baseline {result['baseline']['accuracy']:.2f} / {result['baseline']['gold_logprob']:.2f}"
+    )
     table.add_column("layer", justify="right")
     for kind in kinds:
         table.add_column(kind, justify="right")
-    cell = {(r["manipulation"], r["layer"]): f"{r['accuracy']:.2f} / {r['gold_logprob']:.2f}" for r in result["results"]}
+    cell = {
+        (r["manipulation"], r["layer"]): f"{r['accuracy']:.2f} / {r['gold_logprob']:.2f}" for r in result["results"]
+    }
     for layer in sorted({r["layer"] for r in result["results"]}):
         table.add_row(str(layer), *(cell.get((k, layer), "") for k in kinds))
     console.print(table)
@@ -412,13 +665,23 @@ def probe_cmd(
 def inject_cmd(
     model: Model = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt whose word is replaced.")] = None,
-    word: Annotated[Optional[str], typer.Option(help="The word in PROMPT (all its whole-word occurrences are replaced).")] = None,
+    word: Annotated[
+        Optional[str], typer.Option(help="The word in PROMPT (all its whole-word occurrences are replaced).")
+    ] = None,
     donor: Annotated[Optional[str], typer.Option(help="The donor prompt.")] = None,
-    donor_word: Annotated[Optional[str], typer.Option("--donor-word", help="The word in DONOR whose states are injected.")] = None,
-    watch: Annotated[Optional[str], typer.Option(help="Comma-separated answers whose log-probs are reported, e.g. Paris,Rome.")] = None,
-    task: Annotated[Optional[str], typer.Option(help="capitals: swap every country with another and count who follows.")] = None,
+    donor_word: Annotated[
+        Optional[str], typer.Option("--donor-word", help="The word in DONOR whose states are injected.")
+    ] = None,
+    watch: Annotated[
+        Optional[str], typer.Option(help="Comma-separated answers whose log-probs are reported, e.g. Paris,Rome.")
+    ] = None,
+    task: Annotated[
+        Optional[str], typer.Option(help="capitals: swap every country with another and count who follows.")
+    ] = None,
     layers: Layers = None,
-    samples: Annotated[Optional[int], typer.Option(help="--task: use a seeded subset of N countries.", show_default=False)] = None,
+    samples: Annotated[
+        Optional[int], typer.Option(help="--task: use a seeded subset of N countries.", show_default=False)
+    ] = None,
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
@@ -435,24 +698,49 @@ def inject_cmd(
     from .probing import followed_until, inject
     from .report import console
 
-    unescape = (lambda s: s.replace("\\n", "\n") if s is not None else None)  # shells make "\n" hard to type
-    result = inject(model, prompt=unescape(prompt), word=word, donor=unescape(donor), donor_word=donor_word,
-                    watch=watch, task=task, layers=layers, samples=samples, seed=seed, batch_size=batch_size,
-                    out=out, plot=plot)
+    def unescape(text):  # shells make "\n" hard to type
+        return text.replace("\\n", "\n") if text is not None else None
+
+    result = inject(
+        model,
+        prompt=unescape(prompt),
+        word=word,
+        donor=unescape(donor),
+        donor_word=donor_word,
+        watch=watch,
+        task=task,
+        layers=layers,
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+        out=out,
+        plot=plot,
+    )
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
     capitals = result.get("task") == "capitals"
-    table = Table(title=f"{result['model']}: injection per layer" + (f" ({result['pairs']} capital swaps)" if capitals else ""))
-    for col in ["layer", "top token"] + ([*("follow", "keep", "other")] if capitals else []) + [f"log p({w})" for w in result["watch"]]:
+    table = Table(
+        title=f"{result['model']}: injection per layer" + (f" ({result['pairs']} capital swaps)" if capitals else "")
+    )
+    for col in (
+        ["layer", "top token"]
+        + ([*("follow", "keep", "other")] if capitals else [])
+        + [f"log p({w})" for w in result["watch"]]
+    ):
         table.add_column(col, justify="right")
     for r in [{"layer": "none", **result["baseline"]}] + result["layers"]:
         extra = [f"{r[k]:.2f}" for k in ("follow", "keep", "other")] if capitals else []
-        table.add_row(str(r["layer"]), repr(r["top_token"]), *extra, *(f"{r['watch_logprobs'][w]:.3f}" for w in result["watch"]))
+        table.add_row(
+            str(r["layer"]), repr(r["top_token"]), *extra, *(f"{r['watch_logprobs'][w]:.3f}" for w in result["watch"])
+        )
     console.print(table)
     if capitals:
         k = followed_until(result)
-        console.print(f"the injection is followed by at least half of the prompts up to layer {k if k is not None else '- (never)'}")
+        console.print(
+            "the injection is followed by at least half of the prompts up to layer "
+            f"{k if k is not None else '- (never)'}"
+        )
     for path in (out, plot):
         if path:
             console.print(f"wrote {path}")
@@ -460,13 +748,27 @@ def inject_cmd(
 
 # ---- analysis: act (attention-sink calibration) ----
 
-act_app = typer.Typer(help="Attention-sink calibration (ACT): find the heads whose calibration helps a task, measure it, export it.",
-                      no_args_is_help=True, rich_markup_mode="markdown")
+act_app = typer.Typer(
+    help="Attention-sink calibration (ACT): find the heads whose calibration helps a task, measure it, export it.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
 app.add_typer(act_app, name="act")
 
-ActTask = Annotated[str, typer.Option("--task", help="Multiple-choice JSONL ({prompt, choices, label} per line) [default: llmdrop's built-in act_mc.jsonl].", show_default=False)]
-ActSplit = Annotated[float, typer.Option("--split", help="Fraction of the items used for calibration (seeded); the rest is held out.")]
-ActNorm = Annotated[str, typer.Option("--norm", help="Choice score: sum (summed log-prob of its tokens) or mean (per token).")]
+ActTask = Annotated[
+    str,
+    typer.Option(
+        "--task",
+        help="Multiple-choice JSONL ({prompt, choices, label} per line) [default: llmdrop's built-in act_mc.jsonl].",
+        show_default=False,
+    ),
+]
+ActSplit = Annotated[
+    float, typer.Option("--split", help="Fraction of the items used for calibration (seeded); the rest is held out.")
+]
+ActNorm = Annotated[
+    str, typer.Option("--norm", help="Choice score: sum (summed log-prob of its tokens) or mean (per token).")
+]
 
 
 def _default_task(task):
@@ -480,13 +782,25 @@ def _default_task(task):
 @model_options
 def act_search_cmd(
     model: Model = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="heads.json to write (and resume from if it exists).", show_default=False)] = ...,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="heads.json to write (and resume from if it exists).", show_default=False)
+    ] = ...,
     task: ActTask = None,
     beta: Annotated[float, typer.Option(help="Factor on the attention paid to sinks.")] = 0.4,
-    threshold: Annotated[float, typer.Option(help="Sink score (mean attention a key receives) above which a key is a sink.")] = 0.1,
-    layers: Annotated[Optional[str], typer.Option(help="Only these 0-based layers, e.g. 3,5,20-29 [default: all].", show_default=False)] = None,
-    max_heads: Annotated[Optional[int], typer.Option("--max-heads", help="Keep at most N heads (best gains first).", show_default=False)] = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Then combine the kept heads greedily (best first, kept while accuracy rises).")] = False,
+    threshold: Annotated[
+        float, typer.Option(help="Sink score (mean attention a key receives) above which a key is a sink.")
+    ] = 0.1,
+    layers: Annotated[
+        Optional[str],
+        typer.Option(help="Only these 0-based layers, e.g. 3,5,20-29 [default: all].", show_default=False),
+    ] = None,
+    max_heads: Annotated[
+        Optional[int], typer.Option("--max-heads", help="Keep at most N heads (best gains first).", show_default=False)
+    ] = None,
+    greedy: Annotated[
+        bool,
+        typer.Option("--greedy", help="Then combine the kept heads greedily (best first, kept while accuracy rises)."),
+    ] = False,
     split: ActSplit = 0.5,
     seed: Seed = 0,
     norm: ActNorm = "sum",
@@ -500,13 +814,27 @@ def act_search_cmd(
     from .act import act_search
     from .report import console
 
-    r = act_search(model, task=_default_task(task), out=out, beta=beta, threshold=threshold, layers=layers,
-                   max_heads=max_heads, greedy=greedy, split=split, seed=seed, norm=norm, batch_size=batch_size)
+    r = act_search(
+        model,
+        task=_default_task(task),
+        out=out,
+        beta=beta,
+        threshold=threshold,
+        layers=layers,
+        max_heads=max_heads,
+        greedy=greedy,
+        split=split,
+        seed=seed,
+        norm=norm,
+        batch_size=batch_size,
+    )
     if json_out:
         typer.echo(json.dumps(r, indent=2))
     else:
-        console.print(f"calibration accuracy {r['baseline']:.3f} -> {r['calibrated']:.3f} with {len(r['heads'])} heads "
-                      f"{r['heads']}\nwrote {out}")
+        console.print(
+            f"calibration accuracy {r['baseline']:.3f} -> {r['calibrated']:.3f} with {len(r['heads'])} heads "
+            f"{r['heads']}\nwrote {out}"
+        )
 
 
 @act_app.command("eval")
@@ -515,7 +843,9 @@ def act_search_cmd(
 def act_eval_cmd(
     model: Model = None,
     task: ActTask = None,
-    heads: Annotated[Optional[str], typer.Option(help="heads.json from `llmdrop act search`.", show_default=False)] = None,
+    heads: Annotated[
+        Optional[str], typer.Option(help="heads.json from `llmdrop act search`.", show_default=False)
+    ] = None,
     split: ActSplit = 0.5,
     seed: Seed = 0,
     norm: ActNorm = "sum",
@@ -530,13 +860,23 @@ def act_eval_cmd(
     from .act import act_eval
     from .report import console
 
-    r = act_eval(model, task=_default_task(task), heads=heads, split=split, seed=seed, norm=norm, part=part,
-                 batch_size=batch_size)
+    r = act_eval(
+        model,
+        task=_default_task(task),
+        heads=heads,
+        split=split,
+        seed=seed,
+        norm=norm,
+        part=part,
+        batch_size=batch_size,
+    )
     if json_out:
         typer.echo(json.dumps(r, indent=2))
     elif heads:
-        console.print(f"{r['part']} accuracy ({r['items']} items): {r['baseline']:.3f} -> {r['calibrated']:.3f} "
-                      f"({r['gain']:+.3f}) with {len(r['heads'])} calibrated heads")
+        console.print(
+            f"{r['part']} accuracy ({r['items']} items): {r['baseline']:.3f} -> {r['calibrated']:.3f} "
+            f"({r['gain']:+.3f}) with {len(r['heads'])} calibrated heads"
+        )
     else:
         console.print(f"{r['part']} accuracy ({r['items']} items): {r['baseline']:.3f}")
 
@@ -548,8 +888,12 @@ def act_apply_cmd(
     model: Model = None,
     heads: Annotated[str, typer.Option(help="heads.json from `llmdrop act search`.", show_default=False)] = ...,
     out: Annotated[str, typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)] = ...,
-    attn_layers: Annotated[Optional[str], typer.Option("--attn-layers", help="Also drop these 0-based attention sublayers.")] = None,
-    mlp_layers: Annotated[Optional[str], typer.Option("--mlp-layers", help="Also drop these 0-based MLP sublayers.")] = None,
+    attn_layers: Annotated[
+        Optional[str], typer.Option("--attn-layers", help="Also drop these 0-based attention sublayers.")
+    ] = None,
+    mlp_layers: Annotated[
+        Optional[str], typer.Option("--mlp-layers", help="Also drop these 0-based MLP sublayers.")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     json_out: Json = False,
 ):
@@ -560,8 +904,15 @@ def act_apply_cmd(
     from .act import act_apply
     from .report import console
 
-    path = act_apply(model, heads=heads, out=out, attn_layers=attn_layers, mlp_layers=mlp_layers, dtype=model.dtype,
-                     overwrite=overwrite)
+    path = act_apply(
+        model,
+        heads=heads,
+        out=out,
+        attn_layers=attn_layers,
+        mlp_layers=mlp_layers,
+        dtype=model.dtype,
+        overwrite=overwrite,
+    )
     if json_out:
         typer.echo(json.dumps({"out": str(path)}, indent=2))
     else:
@@ -577,34 +928,64 @@ def act_apply_cmd(
 def attnmap_cmd(
     model: Model = None,
     prompt: Annotated[str, typer.Option(help="The prompt to generate from.", show_default=False)] = ...,
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory (attn_{i}_{j}.png, attnmap.html).", show_default=False)] = ...,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template (one user turn).")] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy generation steps (stops early at EOS).")] = 20,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Output directory (attn_{i}_{j}.png, attnmap.html).", show_default=False)
+    ] = ...,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template (one user turn).")
+    ] = False,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Greedy generation steps (stops early at EOS).")
+    ] = 20,
     fmt: Annotated[str, typer.Option("--format", help="png, html or png,html.")] = "png,html",
-    heads: Annotated[str, typer.Option(help="Reduce the heads of a layer: max, mean, or one 0-based head index.")] = "max",
+    heads: Annotated[
+        str, typer.Option(help="Reduce the heads of a layer: max, mean, or one 0-based head index.")
+    ] = "max",
     window: Annotated[int, typer.Option(help="Tokens per PNG (and the viewer's initial width).")] = 32,
     stride: Annotated[int, typer.Option(help="Shift between successive PNG windows of a step.")] = 5,
-    all_windows: Annotated[bool, typer.Option("--all-windows/--last-window", help="PNGs of every window of a step, or only the one ending at the query.")] = True,
-    top_k: Annotated[int, typer.Option("--top-k", help="Logit-lens tokens kept per layer and position (the viewer's hover).")] = 5,
+    all_windows: Annotated[
+        bool,
+        typer.Option(
+            "--all-windows/--last-window", help="PNGs of every window of a step, or only the one ending at the query."
+        ),
+    ] = True,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Logit-lens tokens kept per layer and position (the viewer's hover).")
+    ] = 5,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     json_out: Json = False,
 ):
-    """Attention of every generated token to the previous ones, per layer, each cell labelled with the logit-lens token of that layer; PNGs and one self-contained HTML viewer.
+    """Attention of every generated token to the previous ones, per layer, each cell labelled with the logit-lens
+    token of that layer; PNGs and one self-contained HTML viewer.
 
     Example: `llmdrop attnmap smollm2-135m --prompt "Alice and Bob are siblings. Who is Bob's sister?" --chat -o attn`
     """
     from .attnmaps import attnmap
     from .report import console
 
-    result = attnmap(model, prompt=prompt, out=out, chat=chat, max_new_tokens=max_new_tokens, formats=fmt,
-                     heads=heads, window=window, stride=stride, all_windows=all_windows, top_k=top_k,
-                     overwrite=overwrite)
+    result = attnmap(
+        model,
+        prompt=prompt,
+        out=out,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        formats=fmt,
+        heads=heads,
+        window=window,
+        stride=stride,
+        all_windows=all_windows,
+        top_k=top_k,
+        overwrite=overwrite,
+    )
     result.pop("capture")
     if json_out:
         typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
-    say(f"generated {result['steps']} tokens after {result['prompt_tokens']} prompt tokens: {result['generated_text']!r}")
+    say(
+        f"generated {result['steps']} tokens after {result['prompt_tokens']} prompt tokens: "
+        f"{result['generated_text']!r}"
+    )
     pngs = sum(f.endswith(".png") for f in result["files"])
     say(f"wrote {pngs} PNGs{' and attnmap.html' if 'attnmap.html' in result['files'] else ''} to {result['out']}")
 

@@ -46,17 +46,27 @@ class CalibSpec:
         spec = calib if isinstance(calib, CalibSpec) else cls(str(calib) if calib is not None else "self")
         check_sizes(samples=spec.samples, seq_len=spec.seq_len)
         d_samples, d_len = DEFAULT_CALIBRATION["self" if spec.source == "self" else "text"]
-        return cls(spec.source, d_samples if spec.samples is None else spec.samples,
-                   d_len if spec.seq_len is None else spec.seq_len, spec.seed)
+        return cls(
+            spec.source,
+            d_samples if spec.samples is None else spec.samples,
+            d_len if spec.seq_len is None else spec.seq_len,
+            spec.seed,
+        )
 
     def tokens(self, tokenizer, model=None) -> torch.LongTensor:
-        return calibration_tokens(self.source, tokenizer, samples=self.samples, seq_len=self.seq_len, seed=self.seed,
-                                  model=model)
+        return calibration_tokens(
+            self.source, tokenizer, samples=self.samples, seq_len=self.seq_len, seed=self.seed, model=model
+        )
 
     def record(self, tokens: torch.Tensor) -> dict:
         """What llmdrop.json and the scores file keep about the calibration."""
-        return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed,
-                "tokens": tokens.numel()}
+        return {
+            "source": self.source,
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "tokens": tokens.numel(),
+        }
 
 
 def calibration_tokens(
@@ -92,8 +102,10 @@ def load_texts(path) -> list[str]:
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
-            raise LlmdropError(f"directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files (other files in a "
-                               "directory are skipped; give one as the source to read it as text)")
+            raise LlmdropError(
+                f"directory {str(path)!r} holds no {'/'.join(SUFFIXES)} files (other files in a "
+                "directory are skipped; give one as the source to read it as text)"
+            )
         texts = [t for f in files for t in _load_file(f)]
     else:
         texts = _load_file(path)
@@ -115,7 +127,9 @@ def _load_file(path: Path) -> list[str]:
         if isinstance(data, dict) and isinstance(data.get("text"), list):
             data = data["text"]
         if not isinstance(data, list):
-            raise LlmdropError(f"{path} must hold a list of texts, a list of {{\"text\": ...}} objects or {{\"text\": [...]}}")
+            raise LlmdropError(
+                f'{path} must hold a list of texts, a list of {{"text": ...}} objects or {{"text": [...]}}'
+            )
         return [_text_of(item, f"{path} item {i}") for i, item in enumerate(data)]
     if suffix == ".parquet":
         return _load_parquet(path)
@@ -127,8 +141,10 @@ def _read_utf8(path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LlmdropError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}); convert it, "
-                           f"e.g. iconv -f LATIN1 -t UTF-8 {path} > {path}.utf8.txt, if it is Latin-1") from None
+        raise LlmdropError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,}); convert it, "
+            f"e.g. iconv -f LATIN1 -t UTF-8 {path} > {path}.utf8.txt, if it is Latin-1"
+        ) from None
 
 
 def _parse_json(raw: str, where: str):
@@ -142,10 +158,10 @@ def _text_of(item, where: str) -> str:
     """A record is either a string or an object with a string field "text"."""
     if isinstance(item, dict):
         if "text" not in item:
-            raise LlmdropError(f"{where}: record has no \"text\" field")
+            raise LlmdropError(f'{where}: record has no "text" field')
         item = item["text"]
     if not isinstance(item, str):
-        raise LlmdropError(f"{where}: \"text\" must be a string, got {type(item).__name__}")
+        raise LlmdropError(f'{where}: "text" must be a string, got {type(item).__name__}')
     return item
 
 
@@ -156,7 +172,7 @@ def _load_parquet(path: Path) -> list[str]:
         raise LlmdropError(f"reading {path} needs pyarrow: pip install pyarrow (or {_INSTALL_DATA})") from None
     schema = pq.read_schema(path)
     if "text" not in schema.names:
-        raise LlmdropError(f"{path}: no \"text\" column (columns: {', '.join(schema.names)})")
+        raise LlmdropError(f'{path}: no "text" column (columns: {", ".join(schema.names)})')
     # Nulls are rows without text; skipping them is kinder than failing on a sparse column.
     return [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t is not None]
 
@@ -187,7 +203,7 @@ def hf_texts(spec: str) -> list[str]:
         what = f"{name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
         raise LlmdropError(f"could not load dataset {what}: {reason}") from None
     if "text" not in ds.column_names:
-        raise LlmdropError(f"dataset {name!r} has no \"text\" column (columns: {', '.join(ds.column_names)})")
+        raise LlmdropError(f'dataset {name!r} has no "text" column (columns: {", ".join(ds.column_names)})')
     texts = [t for t in ds["text"] if t is not None]
     if not any(t.strip() for t in texts):
         raise LlmdropError(f"dataset {name!r} split {split!r} contains no text")
@@ -261,9 +277,11 @@ def sample_self(
     # Belt and braces: forward passes should not draw random numbers in eval mode, but if one does,
     # the caller's CPU RNG is left as it was (the draws themselves use the private generator).
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), Progress(
-            console=Console(stderr=True), transient=True
-        ) as progress:
+        with (
+            torch.random.fork_rng(devices=[]),
+            torch.no_grad(),
+            Progress(console=Console(stderr=True), transient=True) as progress,
+        ):
             task = progress.add_task("sampling calibration text from the model", total=samples * (seq_len - 1))
             for first in range(0, samples, batch_size):
                 n = min(batch_size, samples - first)

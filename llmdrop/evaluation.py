@@ -23,9 +23,16 @@ def perplexity(model, tokens: torch.Tensor, *, batch_size: int = 1, progress: bo
     mean = nll / predicted
     if not math.isfinite(mean) or mean > 700:  # exp(>709) overflows; a real model never gets near
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        raise LlmdropError(f"perplexity is not finite (mean loss {mean}): the model's logits hold NaN or infinity. "
-                           f"Likely causes: corrupted weights (a damaged or truncated checkpoint file: re-download or "
-                           f"re-export it) or values overflowing the dtype ({dtype}; float16 overflows easily: try "
-                           f"--dtype float32 or bfloat16)")
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": predicted, "samples": len(tokens),
-            "seq_len": tokens.shape[1]}
+        raise LlmdropError(
+            f"perplexity is not finite (mean loss {mean}): the model's logits hold NaN or infinity. "
+            f"Likely causes: corrupted weights (a damaged or truncated checkpoint file: re-download or "
+            f"re-export it) or values overflowing the dtype ({dtype}; float16 overflows easily: try "
+            f"--dtype float32 or bfloat16)"
+        )
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": predicted,
+        "samples": len(tokens),
+        "seq_len": tokens.shape[1],
+    }

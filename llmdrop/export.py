@@ -27,8 +27,18 @@ from .plan import DropPlan
 FORMAT = "llmdrop.export/1"
 # Keys transformers writes into tokenizer_config.json about how *this* machine fetched the files (e.g. offline):
 # meaningless, or harmful (``local_files_only``), for whoever loads the checkpoint elsewhere.
-_LOADING_KEYS = ("local_files_only", "is_local", "cache_dir", "force_download", "token", "use_auth_token", "proxies",
-                 "revision", "subfolder", "_commit_hash")
+_LOADING_KEYS = (
+    "local_files_only",
+    "is_local",
+    "cache_dir",
+    "force_download",
+    "token",
+    "use_auth_token",
+    "proxies",
+    "revision",
+    "subfolder",
+    "_commit_hash",
+)
 
 __all__ = ["FORMAT", "check_output_dir", "export", "provenance", "versions"]
 
@@ -36,8 +46,12 @@ __all__ = ["FORMAT", "check_output_dir", "export", "provenance", "versions"]
 def versions() -> dict:
     import transformers
 
-    return {"llmdrop": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "llmdrop": __version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _strip_gguf_quantization(model) -> None:
@@ -52,12 +66,21 @@ def provenance(loaded: LoadedModel, plan: DropPlan, *, scores=None, calibration=
     attn, mlp = plan.exported_sublayers()
     return {
         "format": FORMAT,
-        "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file,
-                   "model_type": loaded.info.get("model_type", loaded.model.config.model_type), "num_layers": plan.num_layers},
+        "source": {
+            "model": loaded.source,
+            "path": loaded.path,
+            "gguf_file": loaded.gguf_file,
+            "model_type": loaded.info.get("model_type", loaded.model.config.model_type),
+            "num_layers": plan.num_layers,
+        },
         "plan": plan.to_dict(),
         "layer_map": {str(k): v for k, v in plan.layer_map().items()},
-        "exported": {"num_layers": len(plan.kept_layers), "drop_attn_list": attn, "drop_mlp_list": mlp,
-                     "remote_code": bool(attn or mlp)},
+        "exported": {
+            "num_layers": len(plan.kept_layers),
+            "drop_attn_list": attn,
+            "drop_mlp_list": mlp,
+            "remote_code": bool(attn or mlp),
+        },
         "scores": scores.to_dict() if scores is not None else None,
         "calibration": calibration or (scores.calibration if scores is not None else None),
         "versions": versions(),
@@ -89,18 +112,33 @@ def check_reload(folder: Path, model_class) -> None:
     finally:
         logging.disable(logging.NOTSET)
         hf_logging.set_verbosity(level)
-    for kind, what in (("missing_keys", "would load without"), ("unexpected_keys", "holds an unused tensor"),
-                       ("mismatched_keys", "holds a tensor of the wrong shape:")):
+    for kind, what in (
+        ("missing_keys", "would load without"),
+        ("unexpected_keys", "holds an unused tensor"),
+        ("mismatched_keys", "holds a tensor of the wrong shape:"),
+    ):
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise LlmdropError(f"export refused: the checkpoint {what} {keys[0]}{more}; nothing was written "
-                               "(please report this as an llmdrop bug)")
+            raise LlmdropError(
+                f"export refused: the checkpoint {what} {keys[0]}{more}; nothing was written "
+                "(please report this as an llmdrop bug)"
+            )
 
 
-def export(loaded: LoadedModel, plan: DropPlan, out, *, dtype: str = "auto", overwrite: bool = False,
-           fmt: str = "auto", scores=None, calibration=None, base_model: str | None = None,
-           extra: dict | None = None) -> Path:
+def export(
+    loaded: LoadedModel,
+    plan: DropPlan,
+    out,
+    *,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    fmt: str = "auto",
+    scores=None,
+    calibration=None,
+    base_model: str | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Apply ``plan`` to ``loaded.model`` (in place: the model is consumed) and save it to ``out`` in format
     ``fmt`` (auto | a name of ``exporters.EXPORTERS``)."""
     from .card import model_card
@@ -115,10 +153,12 @@ def export(loaded: LoadedModel, plan: DropPlan, out, *, dtype: str = "auto", ove
     record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
     exporter.apply(model, loaded.adapter, plan)
     # What the checkpoint really holds: a source that is an export already brings its own drops along.
-    record["exported"].update(format=exporter.name,
-                              drop_attn_list=list(getattr(model.config, "drop_attn_list", None) or []),
-                              drop_mlp_list=list(getattr(model.config, "drop_mlp_list", None) or []),
-                              remote_code=exporter.name != "vanilla")
+    record["exported"].update(
+        format=exporter.name,
+        drop_attn_list=list(getattr(model.config, "drop_attn_list", None) or []),
+        drop_mlp_list=list(getattr(model.config, "drop_mlp_list", None) or []),
+        remote_code=exporter.name != "vanilla",
+    )
     if passed_over:
         record["exported"]["format_reason"] = passed_over
     _strip_gguf_quantization(model)

@@ -14,13 +14,15 @@ from pathlib import Path
 
 from . import __version__
 from .card import CARD_FILE, refresh_card
-from .files import atomic_write_text
 from .errors import LlmdropError
+from .files import atomic_write_text
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
-LOGIN_HINT = ("not logged in to the Hugging Face Hub: run `hf auth login`, set HF_TOKEN=hf_... or pass --token "
-              "(a token with write access, from https://huggingface.co/settings/tokens)")
+LOGIN_HINT = (
+    "not logged in to the Hugging Face Hub: run `hf auth login`, set HF_TOKEN=hf_... or pass --token "
+    "(a token with write access, from https://huggingface.co/settings/tokens)"
+)
 # Never uploaded: version control, huggingface_hub's local cache, llmdrop's own temporary files.
 _SKIP_DIRS = {".git", ".cache"}
 _TMP_SUFFIXES = (".llmdrop-tmp",)
@@ -51,8 +53,10 @@ def check_repo_id(repo_id: str | None) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not repo_id or repo_id.count("/") != 1:
-        raise LlmdropError(f"--repo-id must be NAMESPACE/NAME (your user or organization name, a slash, the repo "
-                           f"name), got {repo_id!r}")
+        raise LlmdropError(
+            f"--repo-id must be NAMESPACE/NAME (your user or organization name, a slash, the repo "
+            f"name), got {repo_id!r}"
+        )
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -108,8 +112,10 @@ def _hub_error(e: Exception, *, token: str, repo_id: str, hub: str) -> LlmdropEr
         server = (e.server_message or "").strip().splitlines()
         detail = f": {server[0]}" if server else ""
         if status == 401:
-            msg = (f"the Hub rejected the token ({reason}{detail}); log in again with `hf auth login` or set "
-                   f"HF_TOKEN to a valid token")
+            msg = (
+                f"the Hub rejected the token ({reason}{detail}); log in again with `hf auth login` or set "
+                f"HF_TOKEN to a valid token"
+            )
         elif status == 403:
             msg = f"no write access to {repo_id} ({reason}{detail}): use a token with write access to that namespace"
         elif status == 404:
@@ -157,8 +163,9 @@ def push(
     paths = folder_files(folder)
     if card_bytes is not None and CARD_FILE not in paths:
         paths = sorted([*paths, CARD_FILE])
-    sizes = {p: len(card_bytes) if p == CARD_FILE and card_bytes is not None else (folder / p).stat().st_size
-             for p in paths}
+    sizes = {
+        p: len(card_bytes) if p == CARD_FILE and card_bytes is not None else (folder / p).stat().st_size for p in paths
+    }
     message = commit_message or f"Upload {folder.name} with llmdrop {__version__}"
     hub = endpoint()
     result = {
@@ -180,8 +187,12 @@ def push(
     token = resolve_token(token)
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=card_bytes if p == CARD_FILE and card_bytes
-                                     is not None else folder / p) for p in paths]
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=p, path_or_fileobj=card_bytes if p == CARD_FILE and card_bytes is not None else folder / p
+        )
+        for p in paths
+    ]
     api = HfApi(endpoint=hub, token=token, library_name="llmdrop", library_version=__version__)
     error = None
     try:
@@ -198,6 +209,7 @@ def push(
         try:
             atomic_write_text(folder / CARD_FILE, card_text)
         except OSError as e:
-            raise LlmdropError(f"pushed {result['url']} (commit {info.oid}), but could not update "
-                               f"{folder / CARD_FILE} locally: {e}") from None
+            raise LlmdropError(
+                f"pushed {result['url']} (commit {info.oid}), but could not update {folder / CARD_FILE} locally: {e}"
+            ) from None
     return result

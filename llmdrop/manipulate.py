@@ -90,7 +90,9 @@ class Manipulation:
         for p in positions.tolist():
             if p not in self._noise:
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + p) ^ _STREAM[self.kind])
-                self._noise[p] = torch.randn(dim, generator=g) if self.kind == "random" else torch.randperm(dim, generator=g)
+                self._noise[p] = (
+                    torch.randn(dim, generator=g) if self.kind == "random" else torch.randperm(dim, generator=g)
+                )
             rows.append(self._noise[p])
         return torch.stack(rows)
 
@@ -99,8 +101,10 @@ class Manipulation:
         cache = call_cache(module, args, kwargs)
         if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
             # a KV-cache step (e.g. model.generate) would reuse states computed before the manipulation applied
-            raise LlmdropError("manipulations need full forwards without a KV cache (use_cache=False); for greedy "
-                               "generation use llmdrop.probing.generate")
+            raise LlmdropError(
+                "manipulations need full forwards without a KV cache (use_cache=False); for greedy "
+                "generation use llmdrop.probing.generate"
+            )
         mask = kwargs.get("attention_mask")
         ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if ref is None and args:
@@ -245,6 +249,11 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def last_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, V] at the last column (the last real token of a left-padded batch); no KV cache."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=False, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        logits_to_keep=1,
+    )
     return out.logits[:, -1].float()

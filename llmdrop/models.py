@@ -163,8 +163,9 @@ def load_model(
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched evaluation needs a pad token
     # model_type as loaded: in-memory drops (e.g. --iterative) later change the config's
-    return LoadedModel(model, tokenizer, adapter, source or DEFAULT_MODEL, path, gguf,
-                       info={"model_type": model.config.model_type})
+    return LoadedModel(
+        model, tokenizer, adapter, source or DEFAULT_MODEL, path, gguf, info={"model_type": model.config.model_type}
+    )
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,14 @@ class LoadSpec:
     attn_implementation: str | None = None
 
     def load(self) -> LoadedModel:
-        return load_model(self.model, device=self.device, dtype=self.dtype, gguf_file=self.gguf_file,
-                          trust_remote_code=self.trust_remote_code, attn_implementation=self.attn_implementation)
+        return load_model(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            gguf_file=self.gguf_file,
+            trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
+        )
 
 
 ModelArg = str | Path | LoadSpec | LoadedModel | None

@@ -20,7 +20,9 @@ class DropPlan:
             values = sorted(set(getattr(self, name)))
             bad = [i for i in values if not 0 <= i < self.num_layers]
             if bad:
-                raise LlmdropError(f"{name} layer {bad[0]} is out of range: the model has layers 0-{self.num_layers - 1}")
+                raise LlmdropError(
+                    f"{name} layer {bad[0]} is out of range: the model has layers 0-{self.num_layers - 1}"
+                )
             setattr(self, name, values)
         # A layer that loses both sublayers is a whole block: remove it physically instead.
         both = set(self.attn) & set(self.mlp)
@@ -48,11 +50,18 @@ class DropPlan:
         return [m[i] for i in self.attn], [m[i] for i in self.mlp]
 
     def to_dict(self) -> dict:
-        return {"num_layers": self.num_layers, "blocks": self.blocks, "attn": self.attn, "mlp": self.mlp,
-                "method": self.method}
+        return {
+            "num_layers": self.num_layers,
+            "blocks": self.blocks,
+            "attn": self.attn,
+            "mlp": self.mlp,
+            "method": self.method,
+        }
 
     def describe(self) -> str:
-        parts = [f"{len(v)} {k}" for k, v in (("blocks", self.blocks), ("attention", self.attn), ("MLP", self.mlp)) if v]
+        parts = [
+            f"{len(v)} {k}" for k, v in (("blocks", self.blocks), ("attention", self.attn), ("MLP", self.mlp)) if v
+        ]
         return ", ".join(parts) or "nothing"
 
 
@@ -106,8 +115,12 @@ def select(
             raise LlmdropError(f"--{name} must be >= 0 (got {n})")
     chosen_blocks = set(block_layers)
     chosen_blocks |= set(_lowest(importance["block"], blocks, chosen_blocks, "blocks"))
-    chosen_attn = set(attn_layers) | set(_lowest(importance["attn"], attn, chosen_blocks | set(attn_layers), "attention sublayers"))
-    chosen_mlp = set(mlp_layers) | set(_lowest(importance["mlp"], mlp, chosen_blocks | set(mlp_layers), "MLP sublayers"))
+    chosen_attn = set(attn_layers) | set(
+        _lowest(importance["attn"], attn, chosen_blocks | set(attn_layers), "attention sublayers")
+    )
+    chosen_mlp = set(mlp_layers) | set(
+        _lowest(importance["mlp"], mlp, chosen_blocks | set(mlp_layers), "MLP sublayers")
+    )
     if joint:
         pool = [(importance["attn"][i], i, "attn") for i in range(num_layers) if i not in chosen_blocks | chosen_attn]
         pool += [(importance["mlp"][i], i, "mlp") for i in range(num_layers) if i not in chosen_blocks | chosen_mlp]

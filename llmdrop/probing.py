@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .files import write_json
 from .errors import LlmdropError
+from .files import write_json
 from .manipulate import KINDS, PREVIOUS_TOKEN_KINDS, Manipulation, capture_layer_inputs, last_logits
 from .models import ModelArg, as_loaded
 from .plan import parse_layers
@@ -39,8 +39,10 @@ INJECT_FORMAT = "llmdrop.inject/1"
 CAPITALS_FILE = Path(__file__).parent / "data" / "capitals.jsonl"
 # One-shot Q/A template as in the paper; France is the shot, so it is not among the questions. The answer restates
 # the question: with a bare "A: Paris" shot SmolLM2-135M mostly repeats the country (5% vs 52% accuracy).
-CAPITALS_TEMPLATE = ("Q: What is the capital of France?\nA: The capital of France is Paris.\n"
-                     "Q: What is the capital of {country}?\nA: The capital of {country} is")
+CAPITALS_TEMPLATE = (
+    "Q: What is the capital of France?\nA: The capital of France is Paris.\n"
+    "Q: What is the capital of {country}?\nA: The capital of {country} is"
+)
 LAYER_NOTE = "layer k manipulates x^k, the input of decoder layer k (hidden_states[k] in transformers' numbering)"
 
 
@@ -50,8 +52,10 @@ LAYER_NOTE = "layer k manipulates x^k, the input of decoder layer k (hidden_stat
 def capitals() -> list[dict]:
     """The built-in task: {"prompt", "answer", "word" (the country)} for every country in data/capitals.jsonl."""
     rows = [json.loads(line) for line in CAPITALS_FILE.read_text().splitlines() if line.strip()]
-    return [{"prompt": CAPITALS_TEMPLATE.format(country=r["country"]), "answer": r["capital"], "word": r["country"]}
-            for r in rows]
+    return [
+        {"prompt": CAPITALS_TEMPLATE.format(country=r["country"]), "answer": r["capital"], "word": r["country"]}
+        for r in rows
+    ]
 
 
 def load_prompt_task(task: str = "capitals", samples: int | None = None, seed: int = 0) -> list[dict]:
@@ -100,8 +104,8 @@ def _pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -111,7 +115,7 @@ def _run_rows(model, seqs, wanted, *, pad_id, batch_size, manip=None, row_items=
     order = sorted(range(len(seqs)), key=lambda r: len(seqs[r]))
     top, lps = [None] * len(seqs), [None] * len(seqs)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         ids, mask = _pad_left([seqs[r] for r in chunk], pad_id, device)
         if manip is not None:
             manip.rows = None if row_items is None else [row_items[r] for r in chunk]
@@ -134,8 +138,9 @@ def _decide(text: str, candidates: list[str], complete: bool) -> int | None:
     return -1
 
 
-def evaluate_items(model, tokenizer, items: list[dict], manip: Manipulation | None = None, *,
-                   batch_size: int = 32) -> list[dict]:
+def evaluate_items(
+    model, tokenizer, items: list[dict], manip: Manipulation | None = None, *, batch_size: int = 32
+) -> list[dict]:
     """For encoded items {"ids", "cands": [token lists], "cand_texts"}: the greedy answer (which candidate it
     starts with: "match", -1 for none), its first token and each candidate's teacher-forced log-prob.
     ``manip`` (not yet applied) is applied for the duration of the call."""
@@ -164,8 +169,14 @@ def _evaluate_items(model, tokenizer, items, manip, batch_size):
     for i, item in enumerate(items):
         cand_lp = [sum(lps[row_of[(i, tuple(c[:j]))]][c[j]] for j in range(len(c))) for c in item["cands"]]
         first = top[row_of[(i, ())]]
-        results.append({"gen": [first], "cand_logprobs": cand_lp, "match": None,
-                        "max_steps": max((len(c) for c in item["cands"]), default=1) + 2})
+        results.append(
+            {
+                "gen": [first],
+                "cand_logprobs": cand_lp,
+                "match": None,
+                "max_steps": max((len(c) for c in item["cands"]), default=1) + 2,
+            }
+        )
     # greedy generation, one full forward per step, only for the undecided rows
     while True:
         open_rows = []
@@ -178,8 +189,15 @@ def _evaluate_items(model, tokenizer, items, manip, batch_size):
                 open_rows.append(i)
         if not open_rows:
             break
-        top, _ = _run_rows(model, [items[i]["ids"] + results[i]["gen"] for i in open_rows], [set()] * len(open_rows),
-                           pad_id=pad_id, batch_size=batch_size, manip=manip, row_items=open_rows)
+        top, _ = _run_rows(
+            model,
+            [items[i]["ids"] + results[i]["gen"] for i in open_rows],
+            [set()] * len(open_rows),
+            pad_id=pad_id,
+            batch_size=batch_size,
+            manip=manip,
+            row_items=open_rows,
+        )
         for i, t in zip(open_rows, top):
             results[i]["gen"].append(t)
     for res in results:
@@ -188,8 +206,15 @@ def _evaluate_items(model, tokenizer, items, manip, batch_size):
     return results
 
 
-def generate(model, tokenizer, prompts: list[str], manip: Manipulation | None = None, *, max_new_tokens: int = 8,
-             batch_size: int = 32) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    manip: Manipulation | None = None,
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
+) -> list[str]:
     """Greedy continuations with ``manip`` (not yet applied) re-applied at every step: each step is a full forward
     over prompt + tokens so far, without KV cache. Stops at EOS."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -200,35 +225,52 @@ def generate(model, tokenizer, prompts: list[str], manip: Manipulation | None = 
             rows = [i for i, g in enumerate(gens) if not g or g[-1] != tokenizer.eos_token_id]
             if not rows:
                 break
-            top, _ = _run_rows(model, [ids[i] + gens[i] for i in rows], [set()] * len(rows), pad_id=pad_id,
-                               batch_size=batch_size, manip=manip, row_items=rows)
+            top, _ = _run_rows(
+                model,
+                [ids[i] + gens[i] for i in rows],
+                [set()] * len(rows),
+                pad_id=pad_id,
+                batch_size=batch_size,
+                manip=manip,
+                row_items=rows,
+            )
             for i, t in zip(rows, top):
                 gens[i].append(t)
     return [tokenizer.decode(g, skip_special_tokens=True) for g in gens]
 
 
 def encode(tokenizer, prompt: str, answers: list[str]) -> dict:
-    return {"ids": tokenizer(prompt)["input_ids"], "cand_texts": answers,
-            "cands": [tokenizer(continuation(prompt, a), add_special_tokens=False)["input_ids"] for a in answers]}
+    return {
+        "ids": tokenizer(prompt)["input_ids"],
+        "cand_texts": answers,
+        "cands": [tokenizer(continuation(prompt, a), add_special_tokens=False)["input_ids"] for a in answers],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ probe
 
 
 def _kinds(manipulation: str | list[str]) -> list[str]:
-    kinds = list(PREVIOUS_TOKEN_KINDS) if manipulation == "all" else (
-        [k.strip() for k in manipulation.split(",")] if isinstance(manipulation, str) else list(manipulation))
+    kinds = (
+        list(PREVIOUS_TOKEN_KINDS)
+        if manipulation == "all"
+        else ([k.strip() for k in manipulation.split(",")] if isinstance(manipulation, str) else list(manipulation))
+    )
     bad = [k for k in kinds if k not in PREVIOUS_TOKEN_KINDS]
     if bad or not kinds:
-        raise LlmdropError(f"unknown manipulation {bad[0] if bad else manipulation!r}; choose from "
-                           f"{', '.join(PREVIOUS_TOKEN_KINDS)} or all (inject has its own command)")
+        raise LlmdropError(
+            f"unknown manipulation {bad[0] if bad else manipulation!r}; choose from "
+            f"{', '.join(PREVIOUS_TOKEN_KINDS)} or all (inject has its own command)"
+        )
     return kinds
 
 
 def _summary(results: list[dict]) -> dict:
     n = len(results)
-    return {"accuracy": sum(r["match"] == 0 for r in results) / n,
-            "gold_logprob": sum(r["cand_logprobs"][0] for r in results) / n}
+    return {
+        "accuracy": sum(r["match"] == 0 for r in results) / n,
+        "gold_logprob": sum(r["cand_logprobs"][0] for r in results) / n,
+    }
 
 
 def _layers(layers, n: int) -> list[int]:
@@ -264,15 +306,31 @@ def probe(
     tok = loaded.tokenizer
     encoded = [encode(tok, it["prompt"], [it["answer"]]) for it in items]
     base = evaluate_items(loaded.model, tok, encoded, batch_size=batch_size)
-    result = {"format": PROBE_FORMAT, "model": loaded.source, "task": task, "samples": len(items), "seed": seed,
-              "num_layers": n, "layer_numbering": LAYER_NOTE, "baseline": _summary(base),
-              "baseline_answers": [{"prompt": it["prompt"], "answer": it["answer"], "greedy": r["text"].split("\n")[0],
-                                    "correct": r["match"] == 0} for it, r in zip(items, base)],
-              "results": []}
+    result = {
+        "format": PROBE_FORMAT,
+        "model": loaded.source,
+        "task": task,
+        "samples": len(items),
+        "seed": seed,
+        "num_layers": n,
+        "layer_numbering": LAYER_NOTE,
+        "baseline": _summary(base),
+        "baseline_answers": [
+            {
+                "prompt": it["prompt"],
+                "answer": it["answer"],
+                "greedy": r["text"].split("\n")[0],
+                "correct": r["match"] == 0,
+            }
+            for it, r in zip(items, base)
+        ],
+        "results": [],
+    }
     configs = [(k, layer) for k in kinds for layer in layer_list]
     for kind, layer in tqdm(configs, desc="probe", unit="config", disable=not progress):
-        res = evaluate_items(loaded.model, tok, encoded, Manipulation(loaded, kind, layer, seed=seed),
-                             batch_size=batch_size)
+        res = evaluate_items(
+            loaded.model, tok, encoded, Manipulation(loaded, kind, layer, seed=seed), batch_size=batch_size
+        )
         result["results"].append({"manipulation": kind, "layer": layer, **_summary(res)})
     if out:
         write_json(result, out)
@@ -337,8 +395,10 @@ def _donor_states(loaded, donor_ids, donor_spans, layer_list, batch_size):
 def _check_lengths(tokenizer, prompt, word, donor, donor_word):
     span, dspan = word_span(tokenizer, prompt, word), word_span(tokenizer, donor, donor_word)
     if len(span) != len(dspan):
-        raise LlmdropError(f"{word!r} is {len(span)} token(s) in the prompt but {donor_word!r} is {len(dspan)} in the "
-                           f"donor (all occurrences); injection swaps token for token, pick words of equal token length")
+        raise LlmdropError(
+            f"{word!r} is {len(span)} token(s) in the prompt but {donor_word!r} is {len(dspan)} in the "
+            f"donor (all occurrences); injection swaps token for token, pick words of equal token length"
+        )
     return span, dspan
 
 
@@ -404,8 +464,16 @@ def _inject_one(loaded, layer_list, prompt, word, donor, donor_word, watch, batc
         return {"top_token": res["first_token"], "watch_logprobs": dict(zip(watch, res["cand_logprobs"]))}
 
     base = evaluate_items(loaded.model, tok, [item], batch_size=batch_size)[0]
-    out = {"prompt": prompt, "word": word, "donor": donor, "donor_word": donor_word, "watch": watch,
-           "word_tokens": [tok.decode([item["ids"][p]]) for p in span], "baseline": row(base), "layers": []}
+    out = {
+        "prompt": prompt,
+        "word": word,
+        "donor": donor,
+        "donor_word": donor_word,
+        "watch": watch,
+        "word_tokens": [tok.decode([item["ids"][p]]) for p in span],
+        "baseline": row(base),
+        "layers": [],
+    }
     for k in tqdm(layer_list, desc="inject", unit="layer", disable=not progress):
         m = Manipulation(loaded, "inject", k, donor_states=states[k], positions=positions)
         res = evaluate_items(loaded.model, tok, [item], m, batch_size=batch_size)[0]
@@ -436,22 +504,34 @@ def _inject_task(loaded, layer_list, *, samples, seed, batch_size, progress):
     encoded = [encode(tok, items[a]["prompt"], [items[a]["answer"], items[b]["answer"]]) for a, b in pairs]
     spans = [word_span(tok, items[a]["prompt"], items[a]["word"]) for a, _ in pairs]
     dspans = [word_span(tok, items[b]["prompt"], items[b]["word"]) for _, b in pairs]
-    states = _donor_states(loaded, [tok(items[b]["prompt"])["input_ids"] for _, b in pairs], dspans, layer_list,
-                           batch_size)
+    states = _donor_states(
+        loaded, [tok(items[b]["prompt"])["input_ids"] for _, b in pairs], dspans, layer_list, batch_size
+    )
     positions = _positions(spans)
 
     def summary(res):
         n = len(res)
         firsts = [r["first_token"] for r in res]
-        return {"top_token": max(set(firsts), key=lambda t: (firsts.count(t), t)),
-                "watch_logprobs": {"original": sum(r["cand_logprobs"][0] for r in res) / n,
-                                   "injected": sum(r["cand_logprobs"][1] for r in res) / n},
-                "keep": sum(r["match"] == 0 for r in res) / n, "follow": sum(r["match"] == 1 for r in res) / n,
-                "other": sum(r["match"] == -1 for r in res) / n}
+        return {
+            "top_token": max(set(firsts), key=lambda t: (firsts.count(t), t)),
+            "watch_logprobs": {
+                "original": sum(r["cand_logprobs"][0] for r in res) / n,
+                "injected": sum(r["cand_logprobs"][1] for r in res) / n,
+            },
+            "keep": sum(r["match"] == 0 for r in res) / n,
+            "follow": sum(r["match"] == 1 for r in res) / n,
+            "other": sum(r["match"] == -1 for r in res) / n,
+        }
 
     base = evaluate_items(loaded.model, tok, encoded, batch_size=batch_size)
-    out = {"task": "capitals", "pairs": len(pairs), "seed": seed, "watch": ["original", "injected"],
-           "baseline": summary(base), "layers": []}
+    out = {
+        "task": "capitals",
+        "pairs": len(pairs),
+        "seed": seed,
+        "watch": ["original", "injected"],
+        "baseline": summary(base),
+        "layers": [],
+    }
     for k in tqdm(layer_list, desc="inject", unit="layer", disable=not progress):
         m = Manipulation(loaded, "inject", k, donor_states=states[k], positions=positions)
         res = evaluate_items(loaded.model, tok, encoded, m, batch_size=batch_size)
@@ -512,16 +592,27 @@ def plot_inject(result: dict, path) -> None:
     layers = [r["layer"] for r in result["layers"]]
     if result.get("task") == "capitals":
         for c, key in enumerate(("follow", "keep", "other")):
-            ax.plot(layers, [r[key] for r in result["layers"]], "o-", markersize=3, color=f"C{c}",
-                    label={"follow": "follows the injection", "keep": "keeps the original answer",
-                           "other": "neither"}[key])
+            ax.plot(
+                layers,
+                [r[key] for r in result["layers"]],
+                "o-",
+                markersize=3,
+                color=f"C{c}",
+                label={"follow": "follows the injection", "keep": "keeps the original answer", "other": "neither"}[key],
+            )
             ax.axhline(result["baseline"][key], color=f"C{c}", linestyle="--", linewidth=1)
         ax.set_ylabel("fraction of prompts (dashed: no injection)")
         ax.set_title(f"{result['model']}: injecting another country, {result['pairs']} capital swaps")
     else:
         for c, w in enumerate(result["watch"]):
-            ax.plot(layers, [r["watch_logprobs"][w] for r in result["layers"]], "o-", markersize=3, color=f"C{c}",
-                    label=f"log p({w})")
+            ax.plot(
+                layers,
+                [r["watch_logprobs"][w] for r in result["layers"]],
+                "o-",
+                markersize=3,
+                color=f"C{c}",
+                label=f"log p({w})",
+            )
             ax.axhline(result["baseline"]["watch_logprobs"][w], color=f"C{c}", linestyle="--", linewidth=1)
         ymin = ax.get_ylim()[0]
         for r in result["layers"]:
@@ -536,5 +627,17 @@ def plot_inject(result: dict, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["probe", "inject", "generate", "load_prompt_task", "capitals", "word_span", "evaluate_items", "harmless_from",
-           "followed_until", "plot_probe", "plot_inject", "KINDS"]
+__all__ = [
+    "probe",
+    "inject",
+    "generate",
+    "load_prompt_task",
+    "capitals",
+    "word_span",
+    "evaluate_items",
+    "harmless_from",
+    "followed_until",
+    "plot_probe",
+    "plot_inject",
+    "KINDS",
+]

@@ -51,7 +51,11 @@ IGNORE = ["lm_head"]  # the output projection stays in full precision, as in llm
 # squared error (compressed-tensors' weight observers). "auto": mse for GPTQ, minmax for AWQ (which searches its
 # own scales). On SmolLM2-135M, GPTQ W4 group 32 went from +123% to +14% perplexity with mse (docs/quantization.md).
 OBSERVERS = {"minmax": "memoryless_minmax", "mse": "memoryless_mse"}
-GROUP_SIZES = (128, 64, 32)  # the usual ones (vLLM's Marlin kernels), largest first: the default picks the first that fits
+GROUP_SIZES = (
+    128,
+    64,
+    32,
+)  # the usual ones (vLLM's Marlin kernels), largest first: the default picks the first that fits
 
 
 # --------------------------------------------------------------------------- llm-compressor, lazily
@@ -64,8 +68,10 @@ def require_llmcompressor():
     except ImportError as e:
         if (getattr(e, "name", None) or "").split(".")[0] == "llmcompressor":
             raise LlmdropError(f"llmdrop quantize needs llm-compressor, which is not installed: {INSTALL}") from None
-        raise LlmdropError(f"llm-compressor is installed but does not import ({e}); it needs transformers "
-                           f"5.15-5.17 and torch <= 2.14: {INSTALL}") from None
+        raise LlmdropError(
+            f"llm-compressor is installed but does not import ({e}); it needs transformers "
+            f"5.15-5.17 and torch <= 2.14: {INSTALL}"
+        ) from None
     return llmcompressor
 
 
@@ -130,8 +136,7 @@ def compressor_logging(verbose: bool):
     from llmcompressor.logger import LOGGER_CONFIG, configure_logger, logger
 
     logger.remove()
-    logger.add(sys.stderr, level="WARNING", format="{level}: {message}",
-               filter=lambda r: r["level"].name != "METRIC")
+    logger.add(sys.stderr, level="WARNING", format="{level}: {message}", filter=lambda r: r["level"].name != "METRIC")
     try:
         with redirect_stdout(sys.stderr):  # anything else it prints, too
             yield
@@ -159,8 +164,15 @@ def quantization_groups(bits: int, group_size: int, symmetric: bool, observer: s
     """compressed-tensors config group: integer weights, one scale (and zero point if asymmetric) per group."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=bits, type="int", strategy="group", group_size=group_size,
-                               symmetric=symmetric, dynamic=False, observer=OBSERVERS[observer])
+    weights = QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        strategy="group",
+        group_size=group_size,
+        symmetric=symmetric,
+        dynamic=False,
+        observer=OBSERVERS[observer],
+    )
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
@@ -176,8 +188,8 @@ def awq_mappings(model) -> list:
     ``re:.*input_layernorm$`` matches them too, and AWQ then groups three norms with one set of projections and
     fails. Mappings whose every smooth layer is gone are left out.
     """
-    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, AWQMapping
     from llmcompressor.modifiers.transform.awq.dynamic_mappings import get_layer_mappings_from_model
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, AWQMapping
 
     base = next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in AWQ_MAPPING_REGISTRY), None)
     mappings = AWQ_MAPPING_REGISTRY[base] if base else get_layer_mappings_from_model(model)
@@ -185,8 +197,7 @@ def awq_mappings(model) -> list:
     out = []
     for mapping in mappings:
         target = mapping.smooth_layer
-        matches = [(n, m) for n, m in named
-                   if (re.match(target[3:], n) if target.startswith("re:") else n == target)]
+        matches = [(n, m) for n, m in named if (re.match(target[3:], n) if target.startswith("re:") else n == target)]
         real = [n for n, m in matches if _has_weights(m)]
         if len(real) == len(matches):
             out.append(mapping)
@@ -196,8 +207,9 @@ def awq_mappings(model) -> list:
     return out
 
 
-def recipe_for(method: str, bits: int, group_size: int, model, symmetric: bool | None = None,
-               observer: str = "minmax") -> tuple[list, bool]:
+def recipe_for(
+    method: str, bits: int, group_size: int, model, symmetric: bool | None = None, observer: str = "minmax"
+) -> tuple[list, bool]:
     """(llm-compressor modifiers, symmetric). By default GPTQ quantizes to symmetric groups (W4A16) and AWQ to
     groups with zero points (W4A16_ASYM), the schemes of llm-compressor's own examples."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -209,13 +221,19 @@ def recipe_for(method: str, bits: int, group_size: int, model, symmetric: bool |
         return [GPTQModifier(config_groups=groups, ignore=IGNORE)], symmetric
     from llmcompressor.modifiers.transform import AWQModifier
 
-    return [AWQModifier(mappings=awq_mappings(model)), QuantizationModifier(config_groups=groups, ignore=IGNORE)], symmetric
+    return [
+        AWQModifier(mappings=awq_mappings(model)),
+        QuantizationModifier(config_groups=groups, ignore=IGNORE),
+    ], symmetric
 
 
 def linear_inputs(model) -> dict[str, int]:
     """Input size of every Linear layer to quantize, by module name."""
-    inputs = {n: m.in_features for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORE}
+    inputs = {
+        n: m.in_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in IGNORE
+    }
     if not inputs:
         raise LlmdropError("the model has no Linear layers to quantize")
     return inputs
@@ -229,9 +247,11 @@ def choose_group_size(inputs: dict[str, int], group_size: int | None = None) -> 
     if group_size is None:
         fitting = [g for g in GROUP_SIZES if common % g == 0]
         if not fitting:
-            raise LlmdropError(f"none of the usual group sizes {', '.join(map(str, GROUP_SIZES))} divides every layer's "
-                               f"input size (their greatest common divisor is {common}); pass --group-size with a "
-                               f"divisor of {common}")
+            raise LlmdropError(
+                f"none of the usual group sizes {', '.join(map(str, GROUP_SIZES))} divides every layer's "
+                f"input size (their greatest common divisor is {common}); pass --group-size with a "
+                f"divisor of {common}"
+            )
         return fitting[0]
     for name, size in inputs.items():
         if size % group_size:
@@ -278,7 +298,8 @@ def quantization_section(q: dict, *, remote_code: bool) -> list[str]:
         "## Quantization",
         "",
         f"Weights of the Linear layers quantized to **{q['bits']}-bit integers with {q['method'].upper()}** "
-        f"(scheme `{q['scheme']}`, group size {q['group_size']}, {'symmetric' if q['symmetric'] else 'with zero points'}, "
+        f"(scheme `{q['scheme']}`, group size {q['group_size']}, "
+        f"{'symmetric' if q['symmetric'] else 'with zero points'}, "
         f"{q.get('observer', 'minmax')} scales; "
         f"`lm_head` and the embeddings kept in {q.get('dtype') or 'full precision'}) by "
         f"[llm-compressor](https://github.com/vllm-project/llm-compressor) {q['versions'].get('llmcompressor')}, "
@@ -295,8 +316,12 @@ def quantization_section(q: dict, *, remote_code: bool) -> list[str]:
         "```",
         "",
         "vLLM serves compressed-tensors checkpoints of the architectures it implements with its CUDA kernels "
-        "(Marlin)" + ("; this one has custom code for its removed sublayers, which vLLM does not implement natively."
-                      if remote_code else ": `vllm serve PATH_OR_REPO`."),
+        "(Marlin)"
+        + (
+            "; this one has custom code for its removed sublayers, which vLLM does not implement natively."
+            if remote_code
+            else ": `vllm serve PATH_OR_REPO`."
+        ),
         "",
     ]
     return lines
@@ -325,7 +350,9 @@ def quantized_card(record: dict, *, source_record: bool, remote_code: bool) -> s
         *([f"base_model: {base}", "base_model_relation: quantized"] if base else []),
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags:", "- llmdrop", *[f"- {t}" for t in tags],
+        "tags:",
+        "- llmdrop",
+        *[f"- {t}" for t in tags],
         "---",
         "",
         f"# {name}, {q['bits']}-bit {q['method'].upper()}",
@@ -393,9 +420,10 @@ def quantize(
 
     ``model`` is a name, a ``LoadSpec`` or a loaded model (consumed); its device is where the weights live while
     quantizing and where ``self`` calibration text is sampled; llm-compressor itself runs each layer on the
-    accelerator when there is one. ``calib``: a source string or a ``CalibSpec``. ``symmetric`` None: the method's usual scheme (GPTQ symmetric, AWQ with zero points). ``group_size``
-    None: the largest of 128, 64, 32 that divides every quantized layer's input. Returns a summary: out, method,
-    bits, group_size (and group_size_auto), scheme, quantized_modules, calibration, seconds, weights_bytes.
+    accelerator when there is one. ``calib``: a source string or a ``CalibSpec``. ``symmetric`` None: the method's
+    usual scheme (GPTQ symmetric, AWQ with zero points). ``group_size`` None: the largest of 128, 64, 32 that
+    divides every quantized layer's input. Returns a summary: out, method, bits, group_size (and group_size_auto),
+    scheme, quantized_modules, calibration, seconds, weights_bytes.
     """
     from .data import CalibSpec
     from .export import _strip_gguf_quantization
@@ -441,13 +469,24 @@ def quantize(
     dtype_name = str(next(net.parameters()).dtype).removeprefix("torch.")
 
     with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
-        with compressor_logging(verbose), _config_home_for_gguf(net, loaded.gguf_file), \
-                no_pin_memory_without_accelerator(), torch.random.fork_rng(devices=[]):
+        with (
+            compressor_logging(verbose),
+            _config_home_for_gguf(net, loaded.gguf_file),
+            no_pin_memory_without_accelerator(),
+            torch.random.fork_rng(devices=[]),
+        ):
             recipe, symmetric = recipe_for(method, bits, group_size, net, symmetric, observer)  # imports log too
             torch.manual_seed(calib.seed)
-            oneshot(model=net, processor=loaded.tokenizer, dataset=dataset, recipe=recipe,
-                    num_calibration_samples=len(tokens), max_seq_length=calib.seq_len, shuffle_calibration_samples=False,
-                    trust_remote_code_model=trust)
+            oneshot(
+                model=net,
+                processor=loaded.tokenizer,
+                dataset=dataset,
+                recipe=recipe,
+                num_calibration_samples=len(tokens),
+                max_seq_length=calib.seq_len,
+                shuffle_calibration_samples=False,
+                trust_remote_code_model=trust,
+            )
             with warnings.catch_warnings():  # transformers' note about saving offloaded modules: they are on the CPU
                 warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
                 net.save_pretrained(tmp, save_compressed=True)
@@ -457,10 +496,18 @@ def quantize(
         remote_code = bool(config.get("auto_map"))
         qconfig = config.get("quantization_config") or {}
         q = {
-            "method": method, "bits": bits, "group_size": group_size, "group_size_auto": group_size_auto,
+            "method": method,
+            "bits": bits,
+            "group_size": group_size,
+            "group_size_auto": group_size_auto,
             "symmetric": symmetric,
-            "scheme": scheme_name(bits, symmetric), "observer": observer, "format": qconfig.get("format"), "targets": ["Linear"],
-            "ignore": IGNORE, "quantized_modules": n_linear, "dtype": dtype_name,
+            "scheme": scheme_name(bits, symmetric),
+            "observer": observer,
+            "format": qconfig.get("format"),
+            "targets": ["Linear"],
+            "ignore": IGNORE,
+            "quantized_modules": n_linear,
+            "dtype": dtype_name,
             "calibration": calib.record(tokens),
             "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file},
             "device": compute_device(),
@@ -475,20 +522,35 @@ def quantize(
         else:
             from .export import versions
 
-            record = {"format": FORMAT,
-                      "source": {"model": loaded.source, "path": loaded.path, "gguf_file": loaded.gguf_file,
-                                 "model_type": loaded.info.get("model_type", net.config.model_type),
-                                 "num_layers": net.config.num_hidden_layers},
-                      "versions": versions(), "created": q["created"]}
+            record = {
+                "format": FORMAT,
+                "source": {
+                    "model": loaded.source,
+                    "path": loaded.path,
+                    "gguf_file": loaded.gguf_file,
+                    "model_type": loaded.info.get("model_type", net.config.model_type),
+                    "num_layers": net.config.num_hidden_layers,
+                },
+                "versions": versions(),
+                "created": q["created"],
+            }
         record["quantization"] = q
         (tmp / "llmdrop.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(quantized_card(record, source_record=source_record, remote_code=remote_code))
         weights = _weights_bytes(tmp)
-    return {"out": str(out), "method": method, "bits": bits, "group_size": group_size,
-            "group_size_auto": group_size_auto, "scheme": q["scheme"],
-            "observer": observer,
-            "quantized_modules": n_linear, "calibration": q["calibration"], "seconds": q["seconds"],
-            "weights_bytes": weights}
+    return {
+        "out": str(out),
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "group_size_auto": group_size_auto,
+        "scheme": q["scheme"],
+        "observer": observer,
+        "quantized_modules": n_linear,
+        "calibration": q["calibration"],
+        "seconds": q["seconds"],
+        "weights_bytes": weights,
+    }
 
 
 def _finish_folder(tmp: Path, loaded, source_dir: Path | None) -> None:

@@ -21,9 +21,13 @@ def scores_table(scores: Scores, plan=None) -> Table:
     if plan is not None:
         table.add_column("dropped")
     for i in range(n):
-        cells = [f"[green]{imp[k][i]:.4f}[/]" if i in lowest[k] else f"{imp[k][i]:.4f}" for k in ("attn", "mlp", "block")]
+        cells = [
+            f"[green]{imp[k][i]:.4f}[/]" if i in lowest[k] else f"{imp[k][i]:.4f}" for k in ("attn", "mlp", "block")
+        ]
         if plan is not None:
-            cells.append(" ".join(k for k, v in (("block", plan.blocks), ("attn", plan.attn), ("mlp", plan.mlp)) if i in v))
+            cells.append(
+                " ".join(k for k, v in (("block", plan.blocks), ("attn", plan.attn), ("mlp", plan.mlp)) if i in v)
+            )
         table.add_row(str(i), *cells)
     return table
 
@@ -44,9 +48,10 @@ def plot_scores(scores: Scores, path, plan=None) -> None:
                 ax.axvline(i, color=color, alpha=0.15, linewidth=6)
     ax.set_yscale("log")
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"importance (1 - cos)" if scores.metric == "cosine" else "importance (angular distance)")
-    ax.set_title(f"{scores.model}: {scores.calibration.get('source')} calibration, "
-                 f"{scores.calibration.get('tokens'):,} tokens")
+    ax.set_ylabel("importance (1 - cos)" if scores.metric == "cosine" else "importance (angular distance)")
+    ax.set_title(
+        f"{scores.model}: {scores.calibration.get('source')} calibration, {scores.calibration.get('tokens'):,} tokens"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -85,8 +85,9 @@ class _Similarity:
 
 
 @torch.no_grad()
-def compute_importance(model, adapter, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1,
-                       progress: bool = True) -> dict:
+def compute_importance(
+    model, adapter, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True
+) -> dict:
     """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers."""
     if metric not in METRICS:
         raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
@@ -96,6 +97,7 @@ def compute_importance(model, adapter, tokens: torch.Tensor, *, metric: str = "c
     state = {}  # layer -> (h0, h1) of the batch in flight
     handles = []
     for i, layer in enumerate(layers):
+
         def on_input(module, args, kwargs, i=i):
             state[i] = [_hidden(args, kwargs)]
 

@@ -75,10 +75,15 @@ def _state(module, batch: int, n_heads: int, q_len: int, k_len: int, device) -> 
     state = getattr(module, "_act_state", None)
     if k_len == q_len or state is None:
         if k_len != q_len:
-            raise RuntimeError("attention calibration: a cached forward without the earlier part of the sequence "
-                               "(start each sequence with a forward over its whole prompt)")
-        state = {"sums": torch.zeros(batch, n_heads, 0, device=device), "counts": torch.zeros(batch, 1, 0, device=device),
-                 "first": torch.full((batch,), -1, dtype=torch.long, device=device)}
+            raise RuntimeError(
+                "attention calibration: a cached forward without the earlier part of the sequence "
+                "(start each sequence with a forward over its whole prompt)"
+            )
+        state = {
+            "sums": torch.zeros(batch, n_heads, 0, device=device),
+            "counts": torch.zeros(batch, 1, 0, device=device),
+            "first": torch.full((batch,), -1, dtype=torch.long, device=device),
+        }
     if state["sums"].shape[0] != batch:
         raise RuntimeError("attention calibration: the batch size changed in the middle of a cached sequence")
     if k_len > state["sums"].shape[-1] + q_len:
@@ -86,8 +91,9 @@ def _state(module, batch: int, n_heads: int, q_len: int, k_len: int, device) -> 
     return state
 
 
-def act_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
-                          sliding_window=None, **kwargs):
+def act_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, sliding_window=None, **kwargs
+):
     """Eager attention (GQA, softcapping, sliding windows via the mask) with calibration of ``module.act_heads``."""
     batch, n_heads, q_len, head_dim = query.shape
     k_len = key.shape[-2]
@@ -110,8 +116,8 @@ def act_attention_forward(module, query, key, value, attention_mask, scaling=Non
     allowed_f = allowed.float()
     a = attn[:, heads]
     # running column sums / counts over queries up to each query (earlier forwards from the state)
-    sums = torch.nn.functional.pad(state["sums"], (0, q_len))[..., total - k_len:]
-    counts = torch.nn.functional.pad(state["counts"], (0, q_len))[..., total - k_len:]
+    sums = torch.nn.functional.pad(state["sums"], (0, q_len))[..., total - k_len :]
+    counts = torch.nn.functional.pad(state["counts"], (0, q_len))[..., total - k_len :]
     run_sums = sums[:, :, None, :] + a.cumsum(dim=2)
     run_counts = counts[:, :, None, :] + allowed_f.cumsum(dim=2)
     sink_score = run_sums / run_counts.clamp_min(1)
@@ -130,11 +136,14 @@ def act_attention_forward(module, query, key, value, attention_mask, scaling=Non
     # remember this forward's queries for the next (cached) one
     new_sums = torch.nn.functional.pad(state["sums"], (0, q_len)).clone()
     new_counts = torch.nn.functional.pad(state["counts"], (0, q_len)).clone()
-    new_sums[..., total - k_len:] += a.sum(dim=2)
-    new_counts[..., total - k_len:] += allowed_f.sum(dim=2)
+    new_sums[..., total - k_len :] += a.sum(dim=2)
+    new_counts[..., total - k_len :] += allowed_f.sum(dim=2)
     last_first = first[:, -1]
-    module._act_state = {"sums": new_sums, "counts": new_counts,
-                         "first": torch.where(last_first == torch.iinfo(torch.long).max, -1, last_first)}
+    module._act_state = {
+        "sums": new_sums,
+        "counts": new_counts,
+        "first": torch.where(last_first == torch.iinfo(torch.long).max, -1, last_first),
+    }
 
     attn = attn.to(query.dtype)
     if dropout and module.training:
@@ -150,8 +159,14 @@ def _attention_modules(model, layers_path: str, attn_name: str):
     return [getattr(layer, attn_name) for layer in model.get_submodule(layers_path)]
 
 
-def enable_attention_calibration(model, heads, beta: float = DEFAULT_BETA, threshold: float = DEFAULT_THRESHOLD,
-                                 layers_path: str = "model.layers", attn_name: str = "self_attn") -> list:
+def enable_attention_calibration(
+    model,
+    heads,
+    beta: float = DEFAULT_BETA,
+    threshold: float = DEFAULT_THRESHOLD,
+    layers_path: str = "model.layers",
+    attn_name: str = "self_attn",
+) -> list:
     """Calibrate ``heads`` ([[layer, head], ...], layer = index in the model's layer list) in place.
 
     Returns the calibrated attention modules; ``disable_attention_calibration(model)`` undoes it.
@@ -195,8 +210,14 @@ def apply_config_calibration(model, config) -> None:
     if not spec or not spec.get("heads"):
         return
     sublayers = getattr(config, "llmdrop_sublayers", None) or {"layers": "model.layers", "attn": ["self_attn"]}
-    enable_attention_calibration(model, spec["heads"], spec.get("beta", DEFAULT_BETA),
-                                 spec.get("threshold", DEFAULT_THRESHOLD), sublayers["layers"], sublayers["attn"][0])
+    enable_attention_calibration(
+        model,
+        spec["heads"],
+        spec.get("beta", DEFAULT_BETA),
+        spec.get("threshold", DEFAULT_THRESHOLD),
+        sublayers["layers"],
+        sublayers["attn"][0],
+    )
 
 
 class CalibratedAttentionMixin:

@@ -51,6 +51,19 @@ class DroppedMLP(nn.Module):
         return _zeros_like(hidden_states)
 
 
+def _attentions_per_layer(model, args, output):
+    """transformers records one attention map per attention module that ran; give one entry per layer, like
+    hidden_states, with None where the attention is dropped, so that attentions[i] is layer i's. A forward hook,
+    not a forward override: the model's forward signature stays what callers (and tracers) inspect."""
+    attentions = getattr(output, "attentions", None)
+    config = model.config
+    dropped = set(getattr(config, "drop_attn_list", None) or ())
+    if attentions is not None and dropped and len(attentions) == config.num_hidden_layers - len(dropped):
+        kept = iter(attentions)
+        output.attentions = tuple(None if i in dropped else next(kept) for i in range(config.num_hidden_layers))
+    return output
+
+
 def apply_dropped_sublayers(model, config):
     """Replace the sublayers listed in ``config`` (drop_attn_list, drop_mlp_list) in ``model``, in place."""
     spec = config.llmdrop_sublayers
@@ -64,6 +77,9 @@ def apply_dropped_sublayers(model, config):
     attn = spec["attn"][0]
     for cache_idx, i in enumerate(kept_attention_layers(config)):
         getattr(layers[i], attn).layer_idx = cache_idx
+    if not getattr(model, "_llmdrop_attentions_hooked", False) and hasattr(model, "lm_head"):  # the *ForCausalLM
+        model.register_forward_hook(_attentions_per_layer)
+        model._llmdrop_attentions_hooked = True
     return model
 
 
@@ -71,17 +87,6 @@ class DroppedSublayersMixin:
     def __init__(self, config):
         super().__init__(config)
         apply_dropped_sublayers(self, config)
-
-    def forward(self, *args, **kwargs):
-        out = super().forward(*args, **kwargs)
-        # transformers records one attention map per attention module that ran; give one entry per layer, like
-        # hidden_states, with None where the attention is dropped, so that attentions[i] is layer i's.
-        attentions = getattr(out, "attentions", None)
-        dropped = set(getattr(self.config, "drop_attn_list", None) or ())
-        if attentions is not None and dropped and len(attentions) == self.config.num_hidden_layers - len(dropped):
-            kept = iter(attentions)
-            out.attentions = tuple(None if i in dropped else next(kept) for i in range(self.config.num_hidden_layers))
-        return out
 
 
 class LlmdropLlamaForCausalLM(DroppedSublayersMixin, LlamaForCausalLM):
@@ -117,13 +122,16 @@ class LlmdropPhi3ForCausalLM(DroppedSublayersMixin, Phi3ForCausalLM):
 
 
 # base model_type -> model class
-MODEL_CLASSES = {cls.config_class.model_type.removeprefix("llmdrop_"): cls for cls in (
-    LlmdropLlamaForCausalLM,
-    LlmdropMistralForCausalLM,
-    LlmdropQwen2ForCausalLM,
-    LlmdropQwen3ForCausalLM,
-    LlmdropMixtralForCausalLM,
-    LlmdropGemma2ForCausalLM,
-    LlmdropGemma3ForCausalLM,
-    LlmdropPhi3ForCausalLM,
-)}
+MODEL_CLASSES = {
+    cls.config_class.model_type.removeprefix("llmdrop_"): cls
+    for cls in (
+        LlmdropLlamaForCausalLM,
+        LlmdropMistralForCausalLM,
+        LlmdropQwen2ForCausalLM,
+        LlmdropQwen3ForCausalLM,
+        LlmdropMixtralForCausalLM,
+        LlmdropGemma2ForCausalLM,
+        LlmdropGemma3ForCausalLM,
+        LlmdropPhi3ForCausalLM,
+    )
+}

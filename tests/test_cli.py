@@ -6,16 +6,16 @@ import sys
 
 import pytest
 import torch
+from tiny_models import WORDS, identity_hooks, tiny_model, tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from llmdrop.cli import app
-from llmdrop.evaluation import perplexity
-from llmdrop.data import tokens_from_texts, load_texts
-from llmdrop.scoring import compute_importance
 from llmdrop.arch import adapter_for
+from llmdrop.cli import app
+from llmdrop.data import load_texts, tokens_from_texts
+from llmdrop.evaluation import perplexity
+from llmdrop.scoring import compute_importance
 from llmdrop.surgery import drop_sublayers
-from tiny_models import WORDS, identity_hooks, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -47,8 +47,13 @@ def test_score_json_is_deterministic(workdir):
     assert (workdir / "s1.json").read_text() == (workdir / "s2.json").read_text()
     d = json.loads(first.stdout)
     assert d["format"] == "llmdrop.scores/1" and d["num_layers"] == 6
-    assert d["calibration"] == {"source": str(workdir / "text.txt"), "samples": 8, "seq_len": 32, "seed": 0,
-                                "tokens": 256}
+    assert d["calibration"] == {
+        "source": str(workdir / "text.txt"),
+        "samples": 8,
+        "seq_len": 32,
+        "seed": 0,
+        "tokens": 256,
+    }
     assert all(len(d["importance"][k]) == 6 for k in ("attn", "mlp", "block"))
 
 
@@ -66,7 +71,9 @@ def test_drop_with_scores_then_eval_matches_identity_reference(workdir):
     assert result["tokens"] == result["samples"] * 63
     blocks = tokens_from_texts(load_texts(workdir / "text.txt"), tiny_tokenizer(), samples=None, seq_len=64)
     with identity_hooks(tiny_model("llama", num_layers=6), attn=expected) as reference:
-        assert result["perplexity"] == pytest.approx(perplexity(reference, blocks, progress=False)["perplexity"], rel=1e-5)
+        assert result["perplexity"] == pytest.approx(
+            perplexity(reference, blocks, progress=False)["perplexity"], rel=1e-5
+        )
 
 
 def test_mixed_plan_renumbers_sublayers(workdir):
@@ -115,7 +122,10 @@ def gpt2_dir(tmp_path_factory):
     "args, message",
     [
         (["drop", "{tiny}", "-o", "{tmp}/x", "--attn-layers", "1,x"], "bad layer list '1,x'"),
-        (["drop", "{tiny}", "-o", "{tmp}/x", "--attn-layers", "6"], "layer 6 is out of range: the model has layers 0-5"),
+        (
+            ["drop", "{tiny}", "-o", "{tmp}/x", "--attn-layers", "6"],
+            "layer 6 is out of range: the model has layers 0-5",
+        ),
         (["drop", "{tiny}", "-o", "{tmp}/x", "--attn", 7, "--scores", "{tmp}/s.json"], "cannot drop 7 attention"),
         (["drop", "{tiny}", "-o", "{tiny}", "--attn", 1], "would overwrite the input"),
         (["drop", "{tiny}", "--attn", 1], "give an output directory"),
@@ -139,10 +149,12 @@ def test_bad_inputs_give_one_error_line(workdir, gpt2_dir, args, message):
 
 def test_help_imports_neither_torch_nor_transformers():
     """`llmdrop --help` and `llmdrop VERB --help` must be instant: the heavy imports wait for a command that runs."""
-    code = ("import sys; from typer.testing import CliRunner; from llmdrop.cli import app; "
-            "codes = [CliRunner().invoke(app, args).exit_code for args in (['--help'], ['drop', '--help'], "
-            "['act', 'search', '--help'])]; "
-            "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from typer.testing import CliRunner; from llmdrop.cli import app; "
+        "codes = [CliRunner().invoke(app, args).exit_code for args in (['--help'], ['drop', '--help'], "
+        "['act', 'search', '--help'])]; "
+        "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[0, 0, 0] []"
 
@@ -165,8 +177,19 @@ def test_every_model_command_takes_the_load_options():
     commands = {name: cmd for name, cmd in group.commands.items()}
     commands.update({f"act {n}": c for n, c in commands.pop("act").commands.items()})
     loading = {name for name, cmd in commands.items() if any(p.name == "gguf_file" for p in cmd.params)}
-    assert loading == {"score", "drop", "eval", "quantize", "bench", "probe", "inject", "act search", "act eval",
-                       "act apply", "attnmap"}
+    assert loading == {
+        "score",
+        "drop",
+        "eval",
+        "quantize",
+        "bench",
+        "probe",
+        "inject",
+        "act search",
+        "act eval",
+        "act apply",
+        "attnmap",
+    }
     assert all(not any(p.name == "debug" for p in cmd.params) for cmd in commands.values())
     json_flags = {name for name, cmd in commands.items() for p in cmd.params if "--json" in p.opts}
     assert all(p.is_flag for cmd in commands.values() for p in cmd.params if "--json" in p.opts)

@@ -79,8 +79,9 @@ def test_the_capture_sees_the_rename_notes():
 def test_cached_paths_use_the_installed_name_and_print_nothing():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     names = []
-    model.register_forward_pre_hook(lambda m, args, kw: names.append(sorted(set(kw) & set(compat.CACHE_NAMES))),
-                                    with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda m, args, kw: names.append(sorted(set(kw) & set(compat.CACHE_NAMES))), with_kwargs=True
+    )
     with user_sees() as seen:
         sample_self(model, tok, samples=2, seq_len=4, batch_size=2)  # --calib self
         capture(model, adapter_for(model.config), tok, [5, 6, 7], max_new_tokens=3, progress=False)  # attnmap

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from llmdrop.data import tokens_from_texts, calibration_tokens, hf_texts, load_texts, sample_self
+from llmdrop.data import calibration_tokens, hf_texts, load_texts, sample_self, tokens_from_texts
 from llmdrop.errors import LlmdropError
 
 EOS = 2
@@ -85,8 +85,10 @@ def test_empty_directory(tmp_path):
     (tmp_path / "notes.md").write_text("x", encoding="utf-8")
     with pytest.raises(LlmdropError) as e:
         load_texts(tmp_path)
-    assert str(e.value) == (f"directory {str(tmp_path)!r} holds no .txt/.jsonl/.json/.parquet files (other files in a "
-                            "directory are skipped; give one as the source to read it as text)")
+    assert str(e.value) == (
+        f"directory {str(tmp_path)!r} holds no .txt/.jsonl/.json/.parquet files (other files in a "
+        "directory are skipped; give one as the source to read it as text)"
+    )
 
 
 def test_missing_path(tmp_path):
@@ -107,8 +109,10 @@ def test_non_utf8_file_names_file_and_byte(tmp_path, name):
     f.write_bytes('{"text": "caf'.encode() + "é".encode("latin-1") + b'"}\n')
     with pytest.raises(LlmdropError) as e:
         load_texts(f)
-    assert str(e.value) == (f"{f} is not UTF-8 text (byte 0xe9 at offset 13); convert it, e.g. iconv -f LATIN1 -t "
-                            f"UTF-8 {f} > {f}.utf8.txt, if it is Latin-1")
+    assert str(e.value) == (
+        f"{f} is not UTF-8 text (byte 0xe9 at offset 13); convert it, e.g. iconv -f LATIN1 -t "
+        f"UTF-8 {f} > {f}.utf8.txt, if it is Latin-1"
+    )
 
 
 def test_record_without_text_names_file_and_line(tmp_path):
@@ -258,8 +262,9 @@ def test_too_little_text(tiny_tokenizer):
 def test_too_little_text_names_its_purpose(tiny_tokenizer):
     with pytest.raises(LlmdropError) as e:
         tokens_from_texts(["the river ran ."], tiny_tokenizer, samples=None, seq_len=8, purpose="evaluation")
-    assert str(e.value) == ("evaluation text has 4 tokens; 1 x 8 = 8 are needed (lower --samples or --seq-len, "
-                            "or give more text)")
+    assert str(e.value) == (
+        "evaluation text has 4 tokens; 1 x 8 = 8 are needed (lower --samples or --seq-len, or give more text)"
+    )
 
 
 def test_too_little_text_for_one_block(tiny_tokenizer):

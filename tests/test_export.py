@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from tiny_models import ARCHS, FIRST_WORD_ID, SUBLAYER_MODULES, VOCAB_SIZE, identity_hooks, tiny_model, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmdrop.errors import LlmdropError
@@ -21,9 +22,6 @@ from llmdrop.export import FORMAT, export
 from llmdrop.exporters import DROP_CODE_FILES
 from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
-
-from tiny_models import (ARCHS, FIRST_WORD_ID, SUBLAYER_MODULES, VOCAB_SIZE, identity_hooks, tiny_model,
-                         tiny_tokenizer)
 
 N = 6
 # Attention of layer 0 dropped: DynamicCache.get_seq_length() reads cache layer 0, which must be a kept one.
@@ -145,8 +143,14 @@ def check_kv_cache(model, arch, plan):
     # generate() (incremental, its own cache) == greedy decoding by full forwards
     model.generation_config.eos_token_id = None  # never stop early
     prompt = IDS[:, :8]
-    gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                         pad_token_id=3, return_dict_in_generate=True)
+    gen = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=3,
+        return_dict_in_generate=True,
+    )
     assert len(gen.past_key_values.layers) == len(kept_types)
     seq = prompt
     for _ in range(6):
@@ -174,8 +178,9 @@ def test_left_padding_matches_rows_alone(sub_model):
     for r, row in enumerate(rows):
         alone = row[None]
         torch.testing.assert_close(batch_last[r], logits(sub_model, alone)[0, -1], atol=1e-4, rtol=0)
-        gen = sub_model.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=4, do_sample=False,
-                                 pad_token_id=3)
+        gen = sub_model.generate(
+            alone, attention_mask=torch.ones_like(alone), max_new_tokens=4, do_sample=False, pad_token_id=3
+        )
         assert torch.equal(batch_gen[r, 12:], gen[0, len(row) :])
 
 
@@ -222,8 +227,11 @@ def test_export_refuses_a_checkpoint_that_would_reload_with_random_weights(tmp_p
     cache = dict(conversion_mapping._checkpoint_conversion_mapping_cache)
     del cache["llmdrop_mixtral"]
     monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", cache)
-    with pytest.raises(LlmdropError, match=r"export refused: the checkpoint would load without "
-                                           r"model\.layers\.0\.mlp\.experts\.down_proj \(and \d+ more\)"):
+    with pytest.raises(
+        LlmdropError,
+        match=r"export refused: the checkpoint would load without "
+        r"model\.layers\.0\.mlp\.experts\.down_proj \(and \d+ more\)",
+    ):
         export(loaded("mixtral"), DropPlan(N, **SUBLAYER_PLAN), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -360,8 +368,16 @@ def test_sublayer_export_needs_trust_remote_code(sub_export, trust):
 
 def test_export_dir_contents(sub_export):
     arch, out = sub_export
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "llmdrop.json", "README.md", *DROP_CODE_FILES} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "llmdrop.json",
+        "README.md",
+        *DROP_CODE_FILES,
+    } <= {p.name for p in out.iterdir()}
     assert not list(out.glob("attention_calibration*"))  # a drop-only export ships only the drop code
     assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~current_umask())}
     assert not {"local_files_only", "is_local"} & json.loads((out / "tokenizer_config.json").read_text()).keys()
@@ -375,8 +391,16 @@ def test_export_dir_contents(sub_export):
     assert record["plan"] == {"num_layers": N, "method": "explicit", **SUBLAYER_PLAN}
     assert record["layer_map"] == {"0": 0, "1": 1, "2": 2, "3": 3, "5": 4}
     assert record["source"]["model_type"] == arch
-    assert record["exported"].items() >= {"num_layers": 5, "drop_attn_list": [0, 3], "drop_mlp_list": [1],
-                                         "remote_code": True, "dtype": "float32"}.items()
+    assert (
+        record["exported"].items()
+        >= {
+            "num_layers": 5,
+            "drop_attn_list": [0, 3],
+            "drop_mlp_list": [1],
+            "remote_code": True,
+            "dtype": "float32",
+        }.items()
+    )
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\n")
@@ -414,6 +438,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, existing, fa
     before = snapshot(out) if existing else None
     src = loaded("llama")
     if fail_at == "save":
+
         def boom(path, *args, **kwargs):
             path.mkdir(parents=True, exist_ok=True)
             (path / "model.safetensors").write_bytes(b"half a checkpoint")

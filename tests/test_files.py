@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
 from llmdrop.files import _host, atomic_dir, check_output_dir, remove_stale_siblings, write_json
-from tiny_models import tiny_model, tiny_tokenizer
 
 
 def snapshot(folder):
@@ -76,8 +76,9 @@ def test_drop_overwrite_onto_the_source_parent_is_refused_and_nothing_is_lost(tm
     before = snapshot(proj)
     r = CliRunner().invoke(app, ["drop", str(proj / "model"), "-o", str(proj), "--overwrite", "--attn-layers", "1"])
     assert r.exit_code == 1
-    assert r.output.strip().splitlines() == [f"error: the output {proj} would overwrite the input {proj / 'model'}; "
-                                             "choose another output directory"]
+    assert r.output.strip().splitlines() == [
+        f"error: the output {proj} would overwrite the input {proj / 'model'}; choose another output directory"
+    ]
     assert snapshot(proj) == before
 
 

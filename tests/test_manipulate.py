@@ -38,8 +38,11 @@ def test_token_positions_left_and_right_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     pos, prev = token_positions(mask)
     assert pos.tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 1, 1, 1, 1]]
-    assert prev.tolist() == [[False, False, True, True, False], [True, True, True, True, False],
-                             [True, False, False, False, False]]
+    assert prev.tolist() == [
+        [False, False, True, True, False],
+        [True, True, True, True, False],
+        [True, False, False, False, False],
+    ]
 
 
 def test_random_same_norm_new_direction_only_at_layer_k(llama):

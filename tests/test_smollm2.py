@@ -25,8 +25,12 @@ EVAL = ["--seq-len", "256", "--samples", "6"]
 
 
 def cli_eval(path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "llmdrop.cli", "eval", str(path), *EVAL, "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "llmdrop.cli", "eval", str(path), *EVAL, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from llmdrop.arch import adapter_for
 from tiny_models import tiny_model, tiny_tokenizer
 
 import llmdrop.attnmaps as am
+from llmdrop.arch import adapter_for
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package: pip install playwright")
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install -y chromium")
@@ -59,12 +59,21 @@ def tiny_html(tmp_path_factory):
     model.generation_config.eos_token_id = model.config.eos_token_id = None
     tok = tiny_tokenizer()
     tok.eos_token = None
-    cap = am.capture(model, adapter_for(model.config), tok, am.encode_prompt(tok, " ".join(f"w{i}" for i in range(20))),
-                     max_new_tokens=5, progress=False)
+    cap = am.capture(
+        model,
+        adapter_for(model.config),
+        tok,
+        am.encode_prompt(tok, " ".join(f"w{i}" for i in range(20))),
+        max_new_tokens=5,
+        progress=False,
+    )
     texts = am.token_texts(tok, cap.token_ids + cap.lens_ids.ravel().tolist())
     path = tmp_path_factory.mktemp("viewer") / "attnmap.html"
-    path.write_text(am.render_html(am.viewer_payload(cap, texts, model="tiny", prompt="p", chat=False, window=8,
-                                                     stride=5, heads="max")))
+    path.write_text(
+        am.render_html(
+            am.viewer_payload(cap, texts, model="tiny", prompt="p", chat=False, window=8, stride=5, heads="max")
+        )
+    )
     return path, cap, texts
 
 
@@ -120,16 +129,20 @@ def synthetic_capture(L=30, H=9, n_prompt=50, steps=250, k=5, seed=0):
     positions = n_prompt + steps - 1
     ids = rng.integers(0, 1000, (positions, L + 1, k))
     probs = np.sort(rng.random((positions, L + 1, k)).astype(np.float32), -1)[..., ::-1] / k
-    return am.AttnCapture(rng.integers(0, 1000, positions + 1).tolist(), n_prompt, L, H, [], attn, ids,
-                          np.ascontiguousarray(probs))
+    return am.AttnCapture(
+        rng.integers(0, 1000, positions + 1).tolist(), n_prompt, L, H, [], attn, ids, np.ascontiguousarray(probs)
+    )
 
 
 def test_viewer_stays_responsive_at_30_layers_9_heads_300_tokens(browser, tmp_path):
     cap = synthetic_capture()
     texts = {i: f"tok{i}" for i in range(1000)}
     path = tmp_path / "big.html"
-    path.write_text(am.render_html(am.viewer_payload(cap, texts, model="synthetic", prompt="p", chat=False,
-                                                     window=32, stride=5, heads="max")))
+    path.write_text(
+        am.render_html(
+            am.viewer_payload(cap, texts, model="synthetic", prompt="p", chat=False, window=32, stride=5, heads="max")
+        )
+    )
     size_mb = path.stat().st_size / 2**20
     assert size_mb < 8, f"{size_mb:.1f} MiB"  # ~4.5 MiB: 11.8 M attention bytes, zlib-compressed, base64
     t0 = time.perf_counter()

@@ -31,16 +31,26 @@ FIRST_WORD_ID = len(SPECIALS)  # ids below this are special tokens
 SLIDING_WINDOW = 4
 
 COMMON = dict(
-    vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
 )
 
 
 # The modules of each sublayer, its norms included, as transformers lays the decoder layer out (written out
 # here, independently of llmdrop.arch): Gemma 2/3 have a norm before and after each sublayer.
 _PRE_NORM = {"attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
-_SANDWICH = {"attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),
-             "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+_SANDWICH = {
+    "attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),
+    "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+}
 SUBLAYER_MODULES = {arch: _SANDWICH if arch.startswith("gemma") else _PRE_NORM for arch in ARCHS}
 
 
@@ -59,8 +69,9 @@ def _config(arch: str, n: int):
     if arch == "gemma2":  # alternating sliding / full, starting with sliding
         return Gemma2Config(num_hidden_layers=n, query_pre_attn_scalar=16, **sliding, **COMMON)
     if arch == "gemma3_text":  # sliding, sliding, full, ...
-        return Gemma3TextConfig(num_hidden_layers=n, query_pre_attn_scalar=16, sliding_window_pattern=3, **sliding,
-                                **COMMON)
+        return Gemma3TextConfig(
+            num_hidden_layers=n, query_pre_attn_scalar=16, sliding_window_pattern=3, **sliding, **COMMON
+        )
     if arch == "phi3":
         return Phi3Config(num_hidden_layers=n, **COMMON)
     raise ValueError(f"unknown arch {arch!r}")
@@ -79,8 +90,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {**SPECIALS, **{w: i + len(SPECIALS) for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def _layers(model):
