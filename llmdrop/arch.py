@@ -97,6 +97,8 @@ def base_model_type(model_type: str) -> str:
 def adapter_for(config) -> Adapter:
     """The adapter for a loaded model's config (llmdrop exports use their base architecture's)."""
     model_type = base_model_type(getattr(config, "model_type", "") or "")
+    if model_type == "nemotron-nas":  # llmdrop's nemotron-nas exports name their base architecture
+        model_type = getattr(config, "base_model_type", "llama")
     if model_type not in ADAPTERS:
         hint = " (multimodal Gemma 3: export its text model, model_type gemma3_text)" if model_type == "gemma3" else ""
         raise LlmdropError(

@@ -119,6 +119,30 @@ def bench_section(report: dict, plot: str | None = None) -> list[str]:
     return lines
 
 
+def serve_section(fmt: str | None, where: str) -> list[str]:
+    """How to serve the checkpoint with vLLM, by export format."""
+    if fmt == "nemotron-nas":
+        return [
+            "## How to serve",
+            "",
+            "The config is in the `nemotron-nas` (DeciLM) format, which vLLM serves natively: layers without attention "
+            "get no KV cache, with paged attention and CUDA graphs as usual (SGLang and llama.cpp's converter read "
+            "the same format; untested).",
+            "",
+            "```bash",
+            f"vllm serve {where} --trust-remote-code",
+            "```",
+            "",
+        ]
+    if fmt == "llmdrop":
+        return [
+            "vLLM cannot serve this format natively (its Transformers backend would give every layer a KV cache); "
+            "for Llama-family models, `llmdrop drop --format nemotron-nas` writes one it serves.",
+            "",
+        ]
+    return []
+
+
 def model_card(
     record: dict,
     *,
@@ -237,6 +261,7 @@ def model_card(
             "custom code is needed.",
             "",
         ]
+    lines += serve_section(exported.get("format"), where)
     lines += [
         "`llmdrop.json` records the source, the plan, the importance scores and the versions used.",
         "",

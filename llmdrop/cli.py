@@ -222,8 +222,9 @@ def drop_cmd(
         str,
         typer.Option(
             "--format",
-            help="Checkpoint format: auto (vanilla when only whole blocks go, else llmdrop), vanilla, or llmdrop "
-            "(remote code).",
+            help="Checkpoint format: auto (the first that can hold the plan: vanilla, nemotron-nas, llmdrop), "
+            "vanilla (whole blocks only), nemotron-nas (served natively by vLLM; Llama family, not layer 0's "
+            "attention) or llmdrop (remote code, any plan).",
         ),
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,

@@ -21,6 +21,7 @@ from .plan import DropPlan
 
 MODELING_DIR = Path(modeling.__file__).parent  # top-level modeling/, installed as llmdrop.modeling
 DROP_CODE_FILES = ("configuration_llmdrop.py", "modeling_llmdrop.py")
+NEMOTRON_NAS_CODE_FILES = (*DROP_CODE_FILES, "configuration_nemotron_nas.py", "modeling_nemotron_nas.py")
 CALIBRATION_CODE_FILE = "attention_calibration.py"  # only in `llmdrop act apply` exports
 
 
@@ -118,8 +119,102 @@ class LlmdropExporter(Exporter):
         return MODEL_CLASSES[base]
 
 
-EXPORTERS = {e.name: e for e in (VanillaExporter(), LlmdropExporter())}
-AUTO_ORDER = ("vanilla", "llmdrop")  # `--format auto`: the first format that can hold the plan
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def ffn_size_fields(intermediate: int, hidden: int) -> dict:
+    """How a block states its FFN size: ``ffn_mult`` when the engines' formula (int(2 * mult * hidden / 3)
+    rounded up to a multiple of 256) gives the size back exactly, else the size itself."""
+    mult = round(3 * intermediate / (2 * hidden), 6)
+    if _round_up(int(2 * mult * hidden / 3), 256) == intermediate:
+        return {"ffn_mult": mult}
+    return {"intermediate_size": intermediate}
+
+
+class NemotronNasExporter(LlmdropExporter):
+    """DeciLM ``block_configs`` with ``no_op`` attention / FFN: the same weights as the llmdrop format, a config
+    that vLLM (and SGLang, TensorRT-LLM, llama.cpp's converter) serve natively, plus remote code for transformers."""
+
+    name = "nemotron-nas"
+    description = "DeciLM block_configs (vLLM, SGLang, llama.cpp read it natively) plus remote code: Llama family"
+    BASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # source model_type -> classes used
+
+    def refusal(self, model, adapter, plan):
+        config = model.config
+        base = adapter.model_type
+        if base not in self.BASES:
+            return f"it holds Llama-family layers only (Llama, Mistral, Qwen2), not {base}"
+        if has_calibration(model):
+            return "it has no attention calibration"
+        if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
+            return "its MLP is SiLU-gated without biases"
+        if base == "mistral" and getattr(config, "sliding_window", None):
+            return "its attention has no sliding window (this Mistral slides)"
+        if base == "qwen2" and getattr(config, "use_sliding_window", False):
+            return "its attention has no sliding window (this Qwen2 slides)"
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
+            return "its head size is hidden_size / num_attention_heads"
+        first = plan.kept_layers[0]
+        if first in plan.attn or first in (getattr(config, "drop_attn_list", None) or ()):
+            return "vLLM's DeciLM layer starts the residual stream in layer 0's attention, which this plan drops"
+        return None
+
+    def save(self, model, adapter, folder):
+        model.save_pretrained(folder)
+        for name in NEMOTRON_NAS_CODE_FILES:
+            shutil.copy(MODELING_DIR / name, folder / name)
+        config_path = folder / "config.json"
+        config = json.loads(config_path.read_text())
+        for key in ("auto_map", "drop_attn_list", "drop_mlp_list", "llmdrop_sublayers"):
+            config.pop(key, None)
+        attn, mlp = set(model.config.drop_attn_list or ()), set(model.config.drop_mlp_list or ())
+        group = config["num_attention_heads"] // (config.get("num_key_value_heads") or config["num_attention_heads"])
+        ffn = ffn_size_fields(config["intermediate_size"], config["hidden_size"])
+        config["block_configs"] = [
+            {
+                "attention": {
+                    "no_op": i in attn,
+                    "replace_with_linear": False,
+                    "n_heads_in_group": None if i in attn else group,
+                },
+                "ffn": {
+                    "no_op": i in mlp,
+                    "replace_with_linear": False,
+                    **({k: None for k in ffn} if i in mlp else ffn),
+                },
+            }
+            for i in range(config["num_hidden_layers"])
+        ]
+        base = self.BASES[adapter.model_type]
+        if base == "qwen2":  # biases on q, k, v only: what vLLM's DeciLM reads as qkv_bias
+            config.update(attention_bias=False, qkv_bias=True)
+        config.setdefault("attention_bias", False)  # Mistral's config has no such field; say it
+        config_cls, model_cls = self._classes(base)
+        config.update(
+            model_type="nemotron-nas",
+            architectures=["DeciLMForCausalLM"],  # the name vLLM serves it by (transformers uses auto_map)
+            auto_map={
+                "AutoConfig": f"configuration_nemotron_nas.{config_cls.__name__}",
+                "AutoModelForCausalLM": f"modeling_nemotron_nas.{model_cls.__name__}",
+            },
+        )
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    @staticmethod
+    def _classes(base: str):
+        from .modeling.modeling_nemotron_nas import NEMOTRON_NAS_CLASSES
+
+        return NEMOTRON_NAS_CLASSES[base]
+
+    def model_class(self, config):
+        base = "qwen2" if config.get("qkv_bias") else "llama"
+        return self._classes(base)[1]
+
+
+EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), LlmdropExporter())}
+AUTO_ORDER = ("vanilla", "nemotron-nas", "llmdrop")  # `--format auto`: the first format that can hold the plan
 
 
 def choose_exporter(fmt: str, model: nn.Module, adapter: Adapter, plan: DropPlan) -> tuple[Exporter, list[str]]:

@@ -123,10 +123,14 @@ def source_num_layers(source: str | None, gguf_file: str | None = None) -> int |
 
 
 def is_llmdrop_export(path: str) -> bool:
+    """An llmdrop export with remote code (llmdrop_* model types, or nemotron-nas with llmdrop's provenance)."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    return json.loads(config.read_text()).get("model_type", "").startswith(EXPORT_PREFIX)
+    model_type = json.loads(config.read_text()).get("model_type", "")
+    return model_type.startswith(EXPORT_PREFIX) or (
+        model_type == "nemotron-nas" and (Path(path) / "llmdrop.json").is_file()
+    )
 
 
 def load_model(

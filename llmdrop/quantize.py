@@ -554,7 +554,7 @@ def quantize(
 
 
 def _finish_folder(tmp: Path, loaded, source_dir: Path | None) -> None:
-    """Tokenizer, generation config and (for remote-code sources) the modeling files and auto_map."""
+    """Tokenizer, generation config and (for remote-code sources) the modeling files, auto_map and architectures."""
     from .export import save_tokenizer
 
     save_tokenizer(loaded.tokenizer, tmp)
@@ -571,6 +571,9 @@ def _finish_folder(tmp: Path, loaded, source_dir: Path | None) -> None:
         if not (tmp / py.name).exists():
             shutil.copy(py, tmp / py.name)
     config = json.loads((tmp / "config.json").read_text())
-    if config.get("auto_map") != source_config["auto_map"]:
-        config["auto_map"] = source_config["auto_map"]
+    # auto_map for transformers, architectures for the engines: a nemotron-nas export is served as DeciLMForCausalLM
+    # whatever transformers names the class it saved from
+    kept = {k: source_config[k] for k in ("auto_map", "architectures") if source_config.get(k)}
+    if any(config.get(k) != v for k, v in kept.items()):
+        config.update(kept)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,15 @@ from .modeling.modeling_llmdrop import apply_dropped_sublayers
 from .plan import DropPlan
 
 # config keys that are never part of an export (GGUF loading leaves a quantization_config behind)
-_NOT_EXPORTED = ("model_type", "transformers_version", "architectures", "auto_map", "quantization_config")
+_NOT_EXPORTED = (
+    "model_type",
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "quantization_config",
+    "block_configs",
+    "qkv_bias",
+)  # the last two: nemotron-nas sources, rebuilt by that exporter
 
 
 def _swap_config(model: nn.Module, new) -> None:
@@ -58,8 +66,9 @@ def remove_blocks(model: nn.Module, adapter: Adapter, blocks: list[int]) -> None
 def dropped_config(config, adapter: Adapter, attn: list[int], mlp: list[int]):
     """The export config class for ``config`` with these sublayers (plus any already dropped) removed."""
     fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_EXPORTED}
-    fields["drop_attn_list"] = sorted(set(attn) | set(fields.get("drop_attn_list") or ()))
-    fields["drop_mlp_list"] = sorted(set(mlp) | set(fields.get("drop_mlp_list") or ()))
+    # from the attributes: a nemotron-nas config derives them from block_configs and does not serialise them
+    fields["drop_attn_list"] = sorted(set(attn) | set(getattr(config, "drop_attn_list", None) or ()))
+    fields["drop_mlp_list"] = sorted(set(mlp) | set(getattr(config, "drop_mlp_list", None) or ()))
     fields["llmdrop_sublayers"] = adapter.sublayers_spec()
     new = CONFIG_CLASSES[adapter.model_type](**fields)
     new._attn_implementation = config._attn_implementation

@@ -424,7 +424,7 @@ def test_existing_out_refused_then_overwritten(tmp_path):
     assert snapshot(out) == before
     export(loaded("llama"), DropPlan(N, attn=[2]), out, overwrite=True)
     assert json.loads((out / "llmdrop.json").read_text())["plan"]["attn"] == [2]
-    assert json.loads((out / "config.json").read_text())["model_type"] == "llmdrop_llama"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "nemotron-nas"  # auto: vLLM can serve it
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -460,3 +460,129 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch, existing, fa
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
     if existing:
         assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- 10. nemotron-nas (vLLM's DeciLM format)
+
+NAS_PLAN = dict(blocks=[4], attn=[1, 3], mlp=[2])  # exported: layers 0,1,2,3,5 -> 0..4; attn [1, 3]; mlp [2]
+
+
+def nas_source(arch) -> Path:
+    """Llama-family sources nemotron-nas can hold: Mistral and Qwen2 without a sliding window."""
+    from tiny_models import COMMON
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    config = {
+        "llama": lambda: LlamaConfig(num_hidden_layers=N, **COMMON),
+        "mistral": lambda: MistralConfig(num_hidden_layers=N, sliding_window=None, **COMMON),
+        "qwen2": lambda: Qwen2Config(num_hidden_layers=N, use_sliding_window=False, **COMMON),
+    }[arch]()
+    folder = Path(tempfile.mkdtemp(prefix=f"llmdrop-nas-{arch}-"))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def nas_export(request, tmp_path_factory):
+    arch = request.param
+    src = nas_source(arch)
+    source = load_model(str(src), device="cpu")
+    source.tokenizer = tiny_tokenizer()
+    out = export(source, DropPlan(N, **NAS_PLAN), tmp_path_factory.mktemp(f"nas-{arch}") / "out")  # --format auto
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad(), identity_hooks(reference, **NAS_PLAN):
+        ref = reference(IDS, use_cache=False).logits
+    return arch, out, ref
+
+
+def test_nemotron_nas_config_is_what_vllm_reads(nas_export):
+    arch, out, _ = nas_export
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("nemotron-nas", ["DeciLMForCausalLM"])
+    assert config["auto_map"]["AutoConfig"].startswith("configuration_nemotron_nas.")
+    assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_nemotron_nas.DeciLM")
+    assert not {"drop_attn_list", "drop_mlp_list", "llmdrop_sublayers"} & config.keys()  # block_configs is the truth
+    blocks = config["block_configs"]
+    assert [b["attention"]["no_op"] for b in blocks] == [False, True, False, True, False]
+    assert [b["ffn"]["no_op"] for b in blocks] == [False, False, True, False, False]
+    assert [b["attention"]["n_heads_in_group"] for b in blocks] == [2, None, 2, None, 2]  # 4 query / 2 KV heads
+    assert all(not b["attention"]["replace_with_linear"] and not b["ffn"]["replace_with_linear"] for b in blocks)
+    # intermediate 128 does not round-trip through ffn_mult (multiples of 256): the size is given as such
+    assert blocks[0]["ffn"] == {"no_op": False, "replace_with_linear": False, "intermediate_size": 128}
+    assert (config.get("attention_bias"), config.get("qkv_bias")) == (
+        (False, True) if arch == "qwen2" else (False, None)
+    )
+    assert {"configuration_nemotron_nas.py", "modeling_nemotron_nas.py", *DROP_CODE_FILES} <= {
+        p.name for p in out.iterdir()
+    }
+    assert json.loads((out / "llmdrop.json").read_text())["exported"]["format"] == "nemotron-nas"
+    assert "vllm serve PATH_OR_REPO --trust-remote-code" in (out / "README.md").read_text()
+
+
+def test_nemotron_nas_export_is_the_same_model_in_transformers(nas_export):
+    arch, out, ref = nas_export
+    model = load(out, trust_remote_code=True)  # asserts no missing / unexpected tensor
+    assert type(model).__name__.startswith("DeciLM")
+    torch.testing.assert_close(logits(model), ref, atol=1e-5, rtol=0)
+    check_kv_cache(model, "llama", NAS_PLAN)  # KV cache of the kept attention layers only, cached == full forward
+    sdpa = load(out, trust_remote_code=True, attn_implementation="sdpa")
+    torch.testing.assert_close(logits(sdpa), ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError):
+        AutoModelForCausalLM.from_pretrained(out)  # no native nemotron-nas in transformers: loud, not random
+
+
+def test_nemotron_nas_export_reexports(nas_export, tmp_path):
+    """An llmdrop nemotron-nas export loaded back by llmdrop keeps its drops through another export."""
+    arch, out, _ = nas_export
+    again = load_model(str(out), device="cpu")
+    assert again.adapter.model_type == ("qwen2" if arch == "qwen2" else "llama")
+    out2 = export(again, DropPlan(5, mlp=[4]), tmp_path / "out2")
+    config = json.loads((out2 / "config.json").read_text())
+    assert [b["ffn"]["no_op"] for b in config["block_configs"]] == [False, False, True, False, True]
+    assert [b["attention"]["no_op"] for b in config["block_configs"]] == [False, True, False, True, False]
+    load(out2, trust_remote_code=True)
+
+
+@pytest.mark.parametrize(
+    "arch, plan, why",
+    [
+        (
+            "llama",
+            dict(attn=[0]),
+            "vLLM's DeciLM layer starts the residual stream in layer 0's attention, which this plan drops",
+        ),
+        (
+            "llama",
+            dict(blocks=[0], attn=[1]),
+            "vLLM's DeciLM layer starts the residual stream in layer 0's attention, which this plan drops",
+        ),
+        ("qwen3", dict(attn=[2]), "it holds Llama-family layers only (Llama, Mistral, Qwen2), not qwen3"),
+        ("mistral", dict(attn=[2]), "its attention has no sliding window (this Mistral slides)"),
+        ("qwen2", dict(attn=[2]), "its attention has no sliding window (this Qwen2 slides)"),
+    ],
+)
+def test_nemotron_nas_refusals(arch, plan, why, tmp_path):
+    with pytest.raises(LlmdropError) as e:
+        export(loaded(arch), DropPlan(N, **plan), tmp_path / "x", fmt="nemotron-nas")
+    assert str(e.value) == f"--format nemotron-nas cannot hold this export: {why}"
+    out = export(loaded(arch), DropPlan(N, **plan), tmp_path / "auto")  # auto: the llmdrop format, and why
+    exported = json.loads((out / "llmdrop.json").read_text())["exported"]
+    assert exported["format"] == "llmdrop" and f"not nemotron-nas: {why}" in exported["format_reason"]
+
+
+@pytest.mark.parametrize(
+    "intermediate, hidden, fields",
+    [
+        (1536, 576, {"ffn_mult": 4.0}),  # SmolLM2-135M
+        (14336, 4096, {"ffn_mult": 5.25}),  # Llama-3-8B
+        (29568, 8192, {"intermediate_size": 29568}),  # Qwen2.5-72B: not a multiple of 256
+        (128, 64, {"intermediate_size": 128}),
+    ],
+)
+def test_ffn_size_round_trips_or_is_given(intermediate, hidden, fields):
+    from llmdrop.exporters import ffn_size_fields
+
+    assert ffn_size_fields(intermediate, hidden) == fields

@@ -293,7 +293,8 @@ def test_push_creates_repo_and_one_commit_with_every_file(hub, ckpt, monkeypatch
     assert sorted(commit["files"]) == sorted(before) and len(before) >= 9
     for name in ("config.json", "model.safetensors", "tokenizer.json", "llmdrop.json", "modeling_llmdrop.py"):
         assert commit["files"][name] == before[name]
-    assert json.loads(commit["files"]["config.json"])["drop_attn_list"] == [1, 4]  # exported numbering
+    blocks = json.loads(commit["files"]["config.json"])["block_configs"]  # nemotron-nas, exported numbering
+    assert [i for i, b in enumerate(blocks) if b["attention"]["no_op"]] == [1, 4]
     assert commit["message"].startswith("Upload tiny-drop with llmdrop")
     # the card was refreshed for this repo, uploaded, and then (only then) written back
     card = commit["files"]["README.md"].decode()

@@ -23,13 +23,13 @@ from llmdrop.cli import app
 from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
-from llmdrop.exporters import DROP_CODE_FILES
+from llmdrop.exporters import NEMOTRON_NAS_CODE_FILES
 from llmdrop.models import LoadedModel
 from llmdrop.plan import DropPlan
 from llmdrop.quantize import INSTALL, choose_group_size, quantize, quantized_card
 
 N = 6
-SUB_PLAN = dict(attn=[1], mlp=[3])  # remote-code export: an attention and an MLP sublayer dropped
+SUB_PLAN = dict(attn=[1], mlp=[3])  # remote-code export (nemotron-nas): an attention and an MLP sublayer dropped
 GROUP = 32  # hidden 64, intermediate 128
 IDS = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -262,10 +262,11 @@ def test_remote_code_export_quantizes(method, quantized, sub_export):
     assert (weights["num_bits"], weights["group_size"], weights["strategy"]) == (4, GROUP, "group")
     assert weights["symmetric"] is (method == "gptq")
     assert q["ignore"] == ["lm_head"]
-    # the export's remote code stays: model_type, auto_map, drop lists, modeling files
-    for key in ("model_type", "auto_map", "drop_attn_list", "drop_mlp_list"):
+    # the export's format and remote code stay: model_type, auto_map, the name vLLM serves it by, block_configs
+    assert src_config["model_type"] == "nemotron-nas"
+    for key in ("model_type", "auto_map", "architectures", "block_configs"):
         assert config[key] == src_config[key]
-    for name in DROP_CODE_FILES:
+    for name in NEMOTRON_NAS_CODE_FILES:
         assert (out / name).read_bytes() == (sub_export / name).read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
         assert (out / name).is_file()
