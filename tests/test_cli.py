@@ -194,3 +194,19 @@ def test_every_model_command_takes_the_load_options():
     json_flags = {name for name, cmd in commands.items() for p in cmd.params if "--json" in p.opts}
     assert all(p.is_flag for cmd in commands.values() for p in cmd.params if "--json" in p.opts)
     assert json_flags == set(commands)  # --json: machine output on stdout, in every command
+
+
+def test_drop_says_which_format_it_wrote_and_why(workdir):
+    out = workdir / "nas"
+    r = invoke("drop", workdir / "tiny", "-o", out, "--attn-layers", "1,3")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines()[-1] == (  # what people read goes to stderr, --json to stdout
+        f"wrote {out} in the nemotron-nas format (not vanilla: a vanilla checkpoint can only lose whole layers, "
+        "not single attention / MLP sublayers)"
+    )
+    r = invoke("drop", workdir / "tiny", "-o", workdir / "x", "--attn-layers", "0", "--format", "nemotron-nas")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: --format nemotron-nas cannot hold this export: vLLM's DeciLM layer starts the residual stream in "
+        "layer 0's attention, which this plan drops"
+    )
+    assert not (workdir / "x").exists()

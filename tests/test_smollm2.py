@@ -75,7 +75,9 @@ def test_dropping_attention_hurts_far_less_than_mlp_or_blocks(smollm2, scores, t
 def test_attention_export_on_disk(smollm2, scores, tmp_path):
     path, plan = export_copy(smollm2, tmp_path / "attn8", scores=scores, attn=8)
     config = json.loads((path / "config.json").read_text())
-    assert config["model_type"] == "llmdrop_llama" and config["drop_attn_list"] == plan.attn
+    assert config["model_type"] == "nemotron-nas"  # --format auto: vLLM serves it natively
+    assert [i for i, b in enumerate(config["block_configs"]) if b["attention"]["no_op"]] == plan.attn
+    assert config["block_configs"][0]["ffn"] == {"no_op": False, "replace_with_linear": False, "ffn_mult": 4.0}
     assert "quantization_config" not in config  # GGUF source, plain weights out
     record = json.loads((path / "llmdrop.json").read_text())
     assert record["source"]["model"] == "smollm2-135m" and record["scores"]["importance"] == scores.importance
