@@ -10,6 +10,7 @@ from pathlib import Path
 from .data import CalibSpec, check_sizes, load_texts, tokens_from_texts
 from .errors import LlmdropError
 from .export import export
+from .exporters import check_format_name
 from .files import check_output_dir, check_writable_parent
 from .models import (
     DEFAULT_MODEL,
@@ -190,6 +191,7 @@ def drop(
     check_writable_parent(Path(out))
     calib = CalibSpec.of(calib)
     check_sizes(batch_size=batch_size)
+    check_format_name(fmt)
     layer_args = (attn_layers, mlp_layers, block_layers)
     for text in layer_args:
         if isinstance(text, str):

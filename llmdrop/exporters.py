@@ -217,13 +217,19 @@ EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), Llmdr
 AUTO_ORDER = ("vanilla", "nemotron-nas", "llmdrop")  # `--format auto`: the first format that can hold the plan
 
 
+def check_format_name(fmt: str) -> None:
+    from .errors import LlmdropError
+
+    if fmt != "auto" and fmt not in EXPORTERS:
+        raise LlmdropError(f"unknown --format {fmt!r}; use auto, {', '.join(EXPORTERS)}")
+
+
 def choose_exporter(fmt: str, model: nn.Module, adapter: Adapter, plan: DropPlan) -> tuple[Exporter, list[str]]:
     """The exporter for ``--format fmt`` and, for ``auto``, why each format before it was passed over."""
     from .errors import LlmdropError
 
+    check_format_name(fmt)
     if fmt != "auto":
-        if fmt not in EXPORTERS:
-            raise LlmdropError(f"unknown --format {fmt!r}; use auto, {', '.join(EXPORTERS)}")
         why = EXPORTERS[fmt].refusal(model, adapter, plan)
         if why:
             raise LlmdropError(f"--format {fmt} cannot hold this export: {why}")

@@ -149,6 +149,10 @@ def test_builtin_alias_is_its_gguf_file():
             ["drop", "{tiny}", "-o", "{out}", "--skip-attention-from", 6],
             "--skip-attention-from 6 is out of range: the model has layers 0-5",
         ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--format", "gguf"],
+            "unknown --format 'gguf'; use auto, vanilla, nemotron-nas, llmdrop",
+        ),
     ],
 )
 def test_impossible_requests_fail_before_any_model_work(tiny, tmp_path, no_model_work, args, message):
