@@ -73,10 +73,7 @@ def calibration_tokens(
     source: str, tokenizer, *, samples: int, seq_len: int, seed: int = 0, model=None
 ) -> torch.LongTensor:
     """[samples, seq_len] token ids. source: "self" | a path | "hf:NAME[:CONFIG][:SPLIT]"."""
-    if not isinstance(samples, int) or samples < 1:
-        raise LlmdropError(f"--samples must be a whole number >= 1, got {samples!r}")
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise LlmdropError(f"--seq-len must be a whole number >= 2, got {seq_len!r}")
+    check_sizes(samples=samples, seq_len=seq_len)
     source = str(source)
     if source == "self":
         if model is None:

@@ -34,6 +34,15 @@ def has_calibration(model: nn.Module) -> bool:
     return bool(getattr(model.config, "attention_calibration", None))
 
 
+def auto_map(model_cls) -> dict:
+    """config.json's auto_map for a remote-code model class (modules named as the files copied beside it)."""
+
+    def name(cls):
+        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+    return {"AutoConfig": name(model_cls.config_class), "AutoModelForCausalLM": name(model_cls)}
+
+
 class Exporter:
     name: str = ""
     description: str = ""
@@ -92,19 +101,20 @@ class LlmdropExporter(Exporter):
             drop_sublayers(model, adapter)
 
     def save(self, model, adapter, folder):
+        """The weights as transformers saves them, the remote code, and config.json rewritten for this format."""
         model.save_pretrained(folder)
-        calibrated = has_calibration(model)
-        for name in DROP_CODE_FILES + ((CALIBRATION_CODE_FILE,) if calibrated else ()):
+        for name in self.code_files(model):
             shutil.copy(MODELING_DIR / name, folder / name)
-        config_path = folder / "config.json"
-        config = json.loads(config_path.read_text())
+        path = folder / "config.json"
+        config = self.remote_config(model, adapter, json.loads(path.read_text()))
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def code_files(self, model) -> tuple[str, ...]:
+        return DROP_CODE_FILES + ((CALIBRATION_CODE_FILE,) if has_calibration(model) else ())
+
+    def remote_config(self, model, adapter, config: dict) -> dict:
         model_cls = self.model_class(config)
-        config["architectures"] = [model_cls.__name__]
-        config["auto_map"] = {
-            "AutoConfig": f"configuration_llmdrop.{model_cls.config_class.__name__}",
-            "AutoModelForCausalLM": f"{model_cls.__module__.rsplit('.', 1)[-1]}.{model_cls.__name__}",
-        }
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return {**config, "architectures": [model_cls.__name__], "auto_map": auto_map(model_cls)}
 
     def model_class(self, config):
         from .arch import base_model_type
@@ -161,12 +171,10 @@ class NemotronNasExporter(LlmdropExporter):
             return "vLLM's DeciLM layer starts the residual stream in layer 0's attention, which this plan drops"
         return None
 
-    def save(self, model, adapter, folder):
-        model.save_pretrained(folder)
-        for name in NEMOTRON_NAS_CODE_FILES:
-            shutil.copy(MODELING_DIR / name, folder / name)
-        config_path = folder / "config.json"
-        config = json.loads(config_path.read_text())
+    def code_files(self, model) -> tuple[str, ...]:
+        return NEMOTRON_NAS_CODE_FILES
+
+    def remote_config(self, model, adapter, config: dict) -> dict:
         for key in ("auto_map", "drop_attn_list", "drop_mlp_list", "llmdrop_sublayers"):
             config.pop(key, None)
         attn, mlp = set(model.config.drop_attn_list or ()), set(model.config.drop_mlp_list or ())
@@ -191,26 +199,21 @@ class NemotronNasExporter(LlmdropExporter):
         if base == "qwen2":  # biases on q, k, v only: what vLLM's DeciLM reads as qkv_bias
             config.update(attention_bias=False, qkv_bias=True)
         config.setdefault("attention_bias", False)  # Mistral's config has no such field; say it
-        config_cls, model_cls = self._classes(base)
         config.update(
             model_type="nemotron-nas",
             architectures=["DeciLMForCausalLM"],  # the name vLLM serves it by (transformers uses auto_map)
-            auto_map={
-                "AutoConfig": f"configuration_nemotron_nas.{config_cls.__name__}",
-                "AutoModelForCausalLM": f"modeling_nemotron_nas.{model_cls.__name__}",
-            },
+            auto_map=auto_map(self._model_class(base)),
         )
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return config
 
     @staticmethod
-    def _classes(base: str):
+    def _model_class(base: str):
         from .modeling.modeling_nemotron_nas import NEMOTRON_NAS_CLASSES
 
         return NEMOTRON_NAS_CLASSES[base]
 
     def model_class(self, config):
-        base = "qwen2" if config.get("qkv_bias") else "llama"
-        return self._classes(base)[1]
+        return self._model_class("qwen2" if config.get("qkv_bias") else "llama")
 
 
 EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), LlmdropExporter())}

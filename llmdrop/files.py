@@ -82,11 +82,16 @@ def check_output_dir(out, overwrite: bool, inputs=()) -> Path:
     return out
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
 def _public_modes(root: Path) -> None:
     """Files as a plain ``open()`` would create them: some writers (mkstemp) leave 0600, unreadable to a serving
     container running under another uid."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     os.chmod(root, 0o777 & ~umask)
     for path in root.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
@@ -133,9 +138,7 @@ def atomic_write_text(path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,8 +20,5 @@ class DeciLMQwen2ForCausalLM(DroppedSublayersMixin, Qwen2ForCausalLM):
     config_class = NemotronNasQwen2Config
 
 
-# base model_type -> (config class, model class)
-NEMOTRON_NAS_CLASSES = {
-    "llama": (NemotronNasLlamaConfig, DeciLMForCausalLM),
-    "qwen2": (NemotronNasQwen2Config, DeciLMQwen2ForCausalLM),
-}
+# base model_type -> model class (its config class is the model class's config_class)
+NEMOTRON_NAS_CLASSES = {"llama": DeciLMForCausalLM, "qwen2": DeciLMQwen2ForCausalLM}

@@ -18,13 +18,12 @@ from safetensors import safe_open
 from tiny_models import FIRST_WORD_ID, VOCAB_SIZE, WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from llmdrop.arch import adapter_for
 from llmdrop.cli import app
 from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
 from llmdrop.exporters import NEMOTRON_NAS_CODE_FILES
-from llmdrop.models import LoadedModel
+from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
 from llmdrop.quantize import INSTALL, choose_group_size, quantize, quantized_card
 
@@ -40,12 +39,10 @@ def lc():
 
 
 def _export(folder: Path, **plan) -> Path:
-    model = tiny_model("llama", N)
-    export(
-        LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "tiny", "tiny"),
-        DropPlan(N, **plan),
-        folder / "export",
-    )
+    """An export made as users make it: from a checkpoint on disk, loaded by llmdrop."""
+    tiny_model("llama", N).save_pretrained(folder / "source")
+    tiny_tokenizer().save_pretrained(folder / "source")
+    export(load_model(str(folder / "source"), device="cpu"), DropPlan(N, **plan), folder / "export")
     return folder / "export"
 
 
@@ -106,7 +103,9 @@ def quantized(lc, sub_export, calib_file, tmp_path_factory) -> dict:
 def _logits(path, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    model.eval()
     with torch.no_grad():
         return model(IDS, use_cache=False).logits
 
