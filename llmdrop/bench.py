@@ -208,6 +208,19 @@ def shape_config(source: str):
         raise LlmdropError(f"{source}: unknown model_type {model_type!r}") from e
 
 
+def check_random_variants(shape: str, variants: list[str], prompt_lens, gen_len: int) -> None:
+    """Fail on a bad shape, variant or length before anything big is built."""
+    config = shape_config(shape)
+    for variant in variants:
+        parse_variant(variant, config.num_hidden_layers)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max(prompt_lens) + gen_len > limit:
+        raise LlmdropError(
+            f"prompt length {max(prompt_lens)} + gen length {gen_len} exceeds "
+            f"{shape}'s max_position_embeddings ({limit})"
+        )
+
+
 def build_random(shape: str, variant: str, *, device: str = "cpu", dtype=torch.float32, seed: int = 0):
     """A random-weight model of ``shape`` with ``variant`` dropped, built directly on ``device``."""
     from transformers import AutoModelForCausalLM
@@ -595,6 +608,46 @@ def run_benchmark(
             got = _cpu_peaks(bm.spec, configs, gen_len, seed) if bm.spec else [None] * len(configs)
             peaks.update({(bm.name, p, b): v for (p, b), v in zip(configs, got)})
 
+    return assemble_report(
+        entries,
+        configs,
+        samples,
+        peaks,
+        device=device_name(device),
+        settings={
+            "prompt_lens": list(prompt_lens),
+            "batch_sizes": list(batch_sizes),
+            "gen_len": gen_len,
+            "repeats": repeats,
+            "warmup": warmup,
+            "seed": seed,
+            "peak_memory": method,
+        },
+        order=order,
+        parameter_bytes=own_bytes,
+    )
+
+
+def assemble_report(
+    entries: list[BenchModel],
+    configs,
+    samples: dict,
+    peaks: dict,
+    *,
+    device: str,
+    settings: dict,
+    order: list[str],
+    parameter_bytes: dict,
+    engine: dict | None = None,
+) -> dict:
+    """The JSON-able report from the timed runs of every (model, prompt_len, batch): one row per model and setting,
+    with the speedups against ``entries[0]`` measured in the same run beside their theoretical bounds. The bounds
+    come from ``bm.model`` (a model on the meta device is enough: only shapes are read)."""
+    import transformers
+
+    from . import __version__
+
+    gen_len = settings["gen_len"]
     results = []
     for p, b in configs:
         rows = [_result(bm, samples[(bm.name, p, b)], p, b, gen_len, peaks.get((bm.name, p, b))) for bm in entries]
@@ -608,30 +661,20 @@ def run_benchmark(
             row.update(speedup=speedup, bound=bound, of_bound={k: speedup[k] / bound[k] for k in bound})
         results += rows
 
-    import transformers
-
-    from . import __version__
-
     dtypes = sorted({str(bm.model.get_input_embeddings().weight.dtype).removeprefix("torch.") for bm in entries})
     return {
         "format": FORMAT,
-        "device": device_name(device),
+        "engine": engine or {"name": "transformers", "version": transformers.__version__},
+        "device": device,
         "dtype": ",".join(dtypes),
         "versions": {
             "llmdrop": __version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
+            **({engine["name"]: engine["version"]} if engine else {}),
         },
-        "settings": {
-            "prompt_lens": list(prompt_lens),
-            "batch_sizes": list(batch_sizes),
-            "gen_len": gen_len,
-            "repeats": repeats,
-            "warmup": warmup,
-            "seed": seed,
-            "peak_memory": method,
-        },
+        "settings": settings,
         "baseline": entries[0].name,
         "models": [
             {
@@ -639,7 +682,7 @@ def run_benchmark(
                 "spec": bm.spec,
                 "num_layers": bm.model.config.num_hidden_layers,
                 "kept_attention_layers": attention_layer_count(bm.model.config),
-                "parameter_bytes": own_bytes[bm.name],
+                "parameter_bytes": parameter_bytes[bm.name],
                 "weight_bytes_per_decode_step": weight_bytes_per_step(bm.model),
             }
             for bm in entries
@@ -664,12 +707,84 @@ def bench(
     memory: bool = True,
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
+    engine: str = "transformers",
     out: str | None = None,
     plot: str | None = None,
     markdown: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """`llmdrop bench`: load / build every model, measure them interleaved, write JSON / plot / markdown."""
+    """`llmdrop bench`: load / build every model, measure them interleaved, write JSON / plot / markdown.
+
+    ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.bench_vllm``)."""
+    if engine == "vllm":
+        from .bench_vllm import vllm_bench
+
+        if device != "auto":
+            raise LlmdropError("--engine vllm runs where its build runs (CUDA or CPU): leave --device at auto")
+        report = vllm_bench(
+            models,
+            random_weights=random_weights,
+            prompt_lens=prompt_lens,
+            gen_len=gen_len,
+            batch_sizes=batch_sizes,
+            repeats=repeats,
+            warmup=warmup,
+            dtype=dtype,
+            seed=seed,
+            memory=memory,
+            gguf_file=gguf_file,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
+    elif engine == "transformers":
+        report = _transformers_bench(
+            models,
+            random_weights=random_weights,
+            prompt_lens=prompt_lens,
+            gen_len=gen_len,
+            batch_sizes=batch_sizes,
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            memory=memory,
+            gguf_file=gguf_file,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
+    else:
+        raise LlmdropError(f"unknown --engine {engine!r}; use transformers or vllm")
+    if random_weights:
+        report["random_weights"] = random_weights
+    if out:
+        from .files import write_json
+
+        write_json(report, out)
+    if plot:
+        plot_report(report, plot)
+    if markdown:
+        Path(markdown).write_text(markdown_table(report) + "\n")
+    return report
+
+
+def _transformers_bench(
+    models,
+    *,
+    random_weights,
+    prompt_lens,
+    gen_len,
+    batch_sizes,
+    repeats,
+    warmup,
+    device,
+    dtype,
+    seed,
+    memory,
+    gguf_file,
+    trust_remote_code,
+    progress,
+) -> dict:
     from .models import resolve_device, resolve_dtype
 
     torch_device = resolve_device(device)
@@ -684,18 +799,10 @@ def bench(
         gguf_file=gguf_file,
         trust_remote_code=trust_remote_code,
     )
-    if random_weights:  # fail on a bad shape / variant before building anything big
-        config = shape_config(random_weights)
-        for _, spec in specs:
-            parse_variant(spec["variant"], config.num_hidden_layers)
-        limit = getattr(config, "max_position_embeddings", None)
-        if limit and max(prompt_lens) + gen_len > limit:
-            raise LlmdropError(
-                f"prompt length {max(prompt_lens)} + gen length {gen_len} exceeds "
-                f"{random_weights}'s max_position_embeddings ({limit})"
-            )
+    if random_weights:
+        check_random_variants(random_weights, [spec["variant"] for _, spec in specs], prompt_lens, gen_len)
     entries = [BenchModel(name, build(spec), spec) for name, spec in specs]
-    report = run_benchmark(
+    return run_benchmark(
         entries,
         prompt_lens=prompt_lens,
         gen_len=gen_len,
@@ -706,17 +813,6 @@ def bench(
         memory=memory,
         progress=progress,
     )
-    if random_weights:
-        report["random_weights"] = random_weights
-    if out:
-        from .files import write_json
-
-        write_json(report, out)
-    if plot:
-        plot_report(report, plot)
-    if markdown:
-        Path(markdown).write_text(markdown_table(report) + "\n")
-    return report
 
 
 # ---------------------------------------------------------------------------------------------- output

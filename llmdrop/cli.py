@@ -457,6 +457,13 @@ def bench_cmd(
     memory: Annotated[
         bool, typer.Option("--memory/--no-memory", help="Measure peak memory (CPU: one child process per model).")
     ] = True,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="transformers (eager forward + KV cache loop) or vllm (its offline API, one engine process per "
+            "model; exports must be nemotron-nas or vanilla; random weights use vLLM's dummy loading)."
+        ),
+    ] = "transformers",
     out: Annotated[
         Optional[str],
         typer.Option(
@@ -480,6 +487,8 @@ def bench_cmd(
     Example: `llmdrop bench smollm2-135m ./smollm2-drop8attn --prompt-lens 128,512 -o bench.json`
 
     Example: `llmdrop bench --random-weights llama-3-8b base attn:16 blocks:8 --plot bench.png`
+
+    Example: `llmdrop bench --engine vllm --random-weights llama-3-8b base attn:16 blocks:8`
     """
     from .bench import bench, parse_int_list, print_table
     from .report import console
@@ -498,6 +507,7 @@ def bench_cmd(
         memory=memory,
         gguf_file=gguf_file,
         trust_remote_code=trust_remote_code,
+        engine=engine,
         out=out,
         plot=plot,
         markdown=markdown,

@@ -59,6 +59,11 @@ class Exporter:
         """Write config.json, the weights and any code into ``folder``."""
         raise NotImplementedError
 
+    def save_config(self, model: nn.Module, adapter: Adapter, folder: Path) -> None:
+        """config.json (and any code) without weights: what an engine's dummy weight loading needs."""
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
+
     def model_class(self, config: dict):
         """The class ``from_pretrained`` loads the written checkpoint with."""
         raise NotImplementedError
@@ -103,6 +108,13 @@ class LlmdropExporter(Exporter):
     def save(self, model, adapter, folder):
         """The weights as transformers saves them, the remote code, and config.json rewritten for this format."""
         model.save_pretrained(folder)
+        self._add_remote_code(model, adapter, folder)
+
+    def save_config(self, model, adapter, folder):
+        super().save_config(model, adapter, folder)
+        self._add_remote_code(model, adapter, folder)
+
+    def _add_remote_code(self, model, adapter, folder: Path) -> None:
         for name in self.code_files(model):
             shutil.copy(MODELING_DIR / name, folder / name)
         path = folder / "config.json"

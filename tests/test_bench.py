@@ -315,3 +315,16 @@ def test_script_is_the_cli():
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["format"] == FORMAT and [r["model"] for r in data["results"]] == ["base", "attn:1"]
+
+
+def test_vllm_engine_without_vllm_is_one_line(monkeypatch):
+    import importlib.util
+
+    from llmdrop.bench import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(LlmdropError, match="--engine vllm needs vLLM in this environment"):
+        bench(["base"], random_weights="tiny", engine="vllm", progress=False)
+    with pytest.raises(LlmdropError, match="unknown --engine 'tgi'"):
+        bench(["base"], random_weights="tiny", engine="tgi", progress=False)

@@ -274,3 +274,76 @@ def test_layer0_attention_no_op(qwen_source, qwen_export, tmp_path):
         # exactly 2 tokens this "works" and computes garbage: the prompt here has more)
         with pytest.raises(ValueError, match="too many values to unpack"):
             vllm_greedy(llm, [list(range(FIRST_WORD_ID, FIRST_WORD_ID + 5))])
+
+
+# --------------------------------------------------------------------------- llmdrop bench --engine vllm
+
+BENCH = dict(prompt_lens=[16], batch_sizes=[1, 2], gen_len=8, repeats=2, warmup=1, progress=False)
+
+
+def kv_per_token(config, layers):
+    return 2 * layers * config.num_key_value_heads * config.head_dim * 4  # float32
+
+
+def test_bench_vllm_checkpoints(qwen_source, qwen_export, tmp_path):
+    """A plain Qwen2 against its nemotron-nas export: both served by vLLM, the KV facts read from each engine."""
+    report = api.bench([str(qwen_source), str(qwen_export)], engine="vllm", out=str(tmp_path / "b.json"), **BENCH)
+    assert report["engine"]["name"] == "vllm" and report["versions"]["vllm"] == report["engine"]["version"]
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == report["results"]
+    rows = {(r["model"], r["batch_size"]): r for r in report["results"]}
+    assert len(rows) == 4
+    config = Qwen2Config.from_pretrained(qwen_source)
+    kept = QWEN_LAYERS - len(QWEN_ATTN)
+    for b in (1, 2):
+        base, export = rows[(str(qwen_source), b)], rows[(str(qwen_export), b)]
+        assert (base["kv_cache_layers"], export["kv_cache_layers"]) == (QWEN_LAYERS, kept)
+        assert base["kv_cache_bytes_per_token"] == kv_per_token(config, QWEN_LAYERS)
+        assert export["kv_cache_bytes_per_token"] == export["kv_cache_bytes_per_token_analytic"]
+        assert export["kv_cache_bytes_per_token"] == kv_per_token(config, kept)
+        for row in (base, export):
+            assert len(report["results"][0]["samples"]["decode_s"]) == 2
+            assert all(s > 0 for s in row["samples"]["decode_s"] + row["samples"]["prefill_s"])
+            assert row["decode_tokens_per_s"]["min"] <= row["decode_tokens_per_s"]["median"]
+        # the bound of a drop of 2 of 6 attention layers and 1 MLP: fewer weight and KV bytes per step
+        assert export["bound"]["decode"] > 1.0 and base["bound"]["decode"] == 1.0
+    # interleaved: base, export, base, export ... for every setting
+    assert report["order"] == [str(qwen_source), str(qwen_export)] * 4
+
+
+def test_bench_vllm_random_weights(tmp_path):
+    """vLLM's dummy weights on a config llmdrop writes: attn:N becomes nemotron-nas, blocks:N a vanilla Llama."""
+    shape = tmp_path / "shape.json"
+    shape.write_text(
+        json.dumps(
+            dict(
+                model_type="llama",
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=32,
+                vocab_size=512,
+                max_position_embeddings=256,
+            )
+        )
+    )
+    report = api.bench(["base", "attn:2", "blocks:1"], random_weights=str(shape), engine="vllm", **BENCH)
+    rows = {r["model"]: r for r in report["results"] if r["batch_size"] == 2}
+    assert {m: rows[m]["kv_cache_layers"] for m in rows} == {"base": 4, "attn:2": 2, "blocks:1": 3}
+    assert {m: rows[m]["kv_cache_bytes_per_token"] for m in rows} == {"base": 2048, "attn:2": 1024, "blocks:1": 1536}
+    assert [m["num_layers"] for m in report["models"]] == [4, 4, 3]
+    assert report["random_weights"] == str(shape)
+    # peak memory: the checkpoint's weights (CPU) + 2 sequences x one 128-token block x KV bytes per token
+    assert rows["attn:2"]["peak_memory_bytes"] == report["models"][1]["parameter_bytes"] + 2 * 128 * 1024
+
+
+def test_bench_vllm_refuses_what_it_cannot_serve(qwen_export, tmp_path):
+    remote = tmp_path / "remote"
+    shutil.copytree(qwen_export, remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "model_type": "llmdrop_qwen2"}))
+    with pytest.raises(LlmdropError, match="re-export it with --format nemotron-nas"):
+        api.bench([str(qwen_export), str(remote)], engine="vllm", **BENCH)
+    with pytest.raises(LlmdropError, match="leave --device at auto"):
+        api.bench([str(qwen_export)], engine="vllm", device="cpu", **BENCH)
