@@ -5,6 +5,7 @@ it) or an already loaded model; calibration is a source string or a ``CalibSpec`
 pipeline stages; the verbs of the analysis commands live in their own modules and are re-exported here.
 """
 
+from dataclasses import replace
 from pathlib import Path
 
 from .data import CalibSpec, check_sizes, load_texts, tokens_from_texts
@@ -18,6 +19,7 @@ from .models import (
     LoadSpec,
     ModelArg,
     as_loaded,
+    as_spec,
     source_identity,
     source_num_layers,
     source_of,
@@ -61,19 +63,41 @@ def score(
     out: str | None = None,
     plot: str | None = None,
     progress: bool = True,
+    stream: bool = False,
 ) -> Scores:
-    """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant)."""
+    """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant).
+
+    ``stream``: one decoder layer at a time from the safetensors files (``llmdrop.streaming``), for models larger
+    than memory. Under torchrun every rank scores its share of the batches; rank 0 alone writes ``out`` / ``plot``.
+    """
+    from .distributed import device_for_rank, is_main, setup
+
     calib = CalibSpec.of(calib)
     check_sizes(batch_size=batch_size)
     for path in (out, plot):
         if path:
             check_writable_parent(Path(path))
-    loaded = as_loaded(model)
-    tokens = calib.tokens(loaded.tokenizer, loaded.model)
-    importance = compute_importance(
-        loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
-    )
+    setup()  # joins torchrun's process group, if launched by it
+    if not isinstance(model, LoadedModel):  # under torchrun: this rank's own GPU
+        model = replace(as_spec(model), device=device_for_rank(as_spec(model).device))
+    if stream:
+        from .streaming import check_streamable, load_skeleton, stream_importance
+
+        spec = check_streamable(model, calib)
+        loaded = load_skeleton(spec)
+        tokens = calib.tokens(loaded.tokenizer)
+        importance = stream_importance(
+            spec, tokens, metric=metric, batch_size=batch_size, progress=progress, skeleton=loaded
+        )
+    else:
+        loaded = as_loaded(model)
+        tokens = calib.tokens(loaded.tokenizer, loaded.model)
+        importance = compute_importance(
+            loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
+        )
     scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), importance)
+    if not is_main():
+        return scores
     if out:
         scores.save(out)
     if plot:

@@ -63,9 +63,10 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-class _Similarity:
-    """Running sums (float64, of float32 batch sums) of the per-token similarity of (before, after) pairs, per layer
-    and kind."""
+class Similarity:
+    """The scoring collector: running sums (float64, of float32 batch sums) of the per-token similarity of
+    (before, after) pairs, per layer and kind, and the number of tokens seen. Sums of several processes add up
+    (``llmdrop.distributed.all_reduce``): the sum of sums, never a mean of means."""
 
     def __init__(self, num_layers: int, metric: str):
         self.metric = metric
@@ -84,48 +85,67 @@ class _Similarity:
         return means  # angular distance already grows with importance
 
 
+def hook_layer(layer, i: int, adapter, stats: Similarity) -> list:
+    """Hooks on decoder layer ``i`` that add its attn / mlp / block similarities to ``stats``; returns the handles.
+    The one place both runners (whole model, one layer at a time) collect from."""
+    state = []  # (h0, h1) of the batch in flight
+
+    def on_input(module, args, kwargs):
+        state[:] = [_hidden(args, kwargs)]
+
+    def on_attn_added(module, args, kwargs):
+        h1 = _hidden(args, kwargs)
+        stats.add("attn", i, state[0], h1)
+        state.append(h1)
+
+    def on_output(module, args, kwargs, out):
+        h0, h1 = state
+        h2 = _output(out)
+        stats.add("mlp", i, h1, h2)
+        stats.add("block", i, h0, h2)
+        state.clear()
+
+    norm = layer.get_submodule(adapter.mlp_input_norm)
+    return [
+        layer.register_forward_pre_hook(on_input, with_kwargs=True),
+        norm.register_forward_pre_hook(on_attn_added, with_kwargs=True),
+        layer.register_forward_hook(on_output, with_kwargs=True),
+    ]
+
+
+def batch_starts(n_tokens: int, batch_size: int) -> list[int]:
+    """First row of every batch; under torchrun, only this rank's share (every world_size-th batch)."""
+    from .distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    return list(range(0, n_tokens, batch_size))[rank::world]
+
+
 @torch.no_grad()
 def compute_importance(
     model, adapter, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True
 ) -> dict:
-    """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers."""
+    """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers. Under
+    torchrun each rank scores its share of the batches and the sums are all-reduced."""
+    from .distributed import all_reduce
+
     if metric not in METRICS:
         raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
     adapter.check_layout(model)
     layers = adapter.layer_list(model)
-    stats = _Similarity(len(layers), metric)
-    state = {}  # layer -> (h0, h1) of the batch in flight
-    handles = []
-    for i, layer in enumerate(layers):
-
-        def on_input(module, args, kwargs, i=i):
-            state[i] = [_hidden(args, kwargs)]
-
-        def on_attn_added(module, args, kwargs, i=i):
-            h1 = _hidden(args, kwargs)
-            stats.add("attn", i, state[i][0], h1)
-            state[i].append(h1)
-
-        def on_output(module, args, kwargs, out, i=i):
-            h0, h1 = state.pop(i)
-            h2 = _output(out)
-            stats.add("mlp", i, h1, h2)
-            stats.add("block", i, h0, h2)
-
-        handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
-        norm = layer.get_submodule(adapter.mlp_input_norm)
-        handles.append(norm.register_forward_pre_hook(on_attn_added, with_kwargs=True))
-        handles.append(layer.register_forward_hook(on_output, with_kwargs=True))
+    stats = Similarity(len(layers), metric)
+    handles = [h for i, layer in enumerate(layers) for h in hook_layer(layer, i, adapter, stats)]
 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="scoring", unit="batch", disable=not progress):
+        for start in tqdm(batch_starts(len(tokens), batch_size), desc="scoring", unit="batch", disable=not progress):
             batch = tokens[start : start + batch_size].to(device)
             model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no [B, T, vocab] logits
             stats.tokens += batch.numel()
     finally:
         for h in handles:
             h.remove()
+    all_reduce(stats)
     return stats.importance()

@@ -1,0 +1,185 @@
+"""Weights of an export copied tensor by tensor from the source's safetensors files, never the whole model in memory.
+
+``export.export`` uses this for a source checkpoint in safetensors (a local folder or a Hub download) whose weights
+were not changed in memory: the model it holds is then a skeleton on the meta device, turned into the export's
+model by the same exporter code as an in-memory export, so config, code, provenance and card are written by the
+shared path. Only the weights come from here: every source tensor is renamed for the removed blocks (layer k ->
+its new number), left out when it belongs to a removed block or a dropped sublayer (the module or one of its
+norms, as the architecture adapter names them), and cast to the export's dtype.
+
+The safetensors library writes a file only from a dict of tensors held in memory, so the files are written here:
+an 8-byte little-endian header length, a JSON header (dtype, shape, byte range of every tensor), then the bytes.
+Uncast tensors are copied in chunks (peak memory: one chunk); cast ones one tensor at a time. The shards and the
+index are split as transformers' ``save_pretrained`` splits them (huggingface_hub's splitter, its default size).
+"""
+
+import inspect
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import Adapter
+from .errors import LlmdropError
+from .plan import DropPlan
+
+INDEX_NAME = "model.safetensors.index.json"
+CHUNK = 64 << 20  # bytes copied at a time
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+ST_CODES = {v: k for k, v in ST_DTYPES.items()}
+# Module names in checkpoint files that transformers renames on load (its conversion_mapping): file name -> ours.
+DISK_MODULE_NAMES = {"block_sparse_moe": "mlp"}  # Mixtral's sparse-MoE block
+
+
+def default_max_shard_size():
+    """transformers' own default for ``save_pretrained(max_shard_size=)``."""
+    from transformers import PreTrainedModel
+
+    return inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    file: Path
+    start: int  # absolute byte offset of the data in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one .safetensors file (names, dtypes, shapes, where their bytes are), reading only its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        if entry["dtype"] not in ST_DTYPES:
+            raise LlmdropError(f"{path}: tensor {name} has dtype {entry['dtype']}, which llmdrop cannot stream")
+        begin, end = entry["data_offsets"]
+        tensors[name] = StoredTensor(path, 8 + n + begin, end - begin, ST_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    return tensors
+
+
+def safetensors_files(folder) -> list[Path]:
+    """The weight files of a checkpoint folder (those its index names, else every *.safetensors); [] if none."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def stored_tensors(folder) -> dict[str, StoredTensor]:
+    files = safetensors_files(folder)
+    if not files:
+        raise LlmdropError(f"{folder} holds no .safetensors weights")
+    tensors = {}
+    for path in files:
+        tensors.update(read_header(path))
+    return tensors
+
+
+def export_name(name: str, adapter: Adapter, plan: DropPlan) -> str | None:
+    """The name of a source tensor in the export, or None if the plan removes it."""
+    prefix = adapter.layers + "."
+    if not name.startswith(prefix):
+        return name  # embeddings, final norm, LM head
+    index, rest = name[len(prefix) :].split(".", 1)
+    layer = int(index)
+    if layer in plan.blocks:
+        return None
+    module = rest.split(".", 1)[0]
+    module = DISK_MODULE_NAMES.get(module, module)
+    if (layer in plan.attn and module in adapter.attn) or (layer in plan.mlp and module in adapter.mlp):
+        return None
+    return f"{prefix}{plan.layer_map()[layer]}.{rest}"
+
+
+def _target_dtype(stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    return dtype if stored.is_floating_point else stored  # as nn.Module.to(dtype): floating tensors only
+
+
+def _write_file(path: Path, items: list[tuple[str, StoredTensor, torch.dtype]]) -> None:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, src, dtype in items:
+        nbytes = src.nbytes // src.dtype.itemsize * dtype.itemsize
+        header[name] = {"dtype": ST_CODES[dtype], "shape": list(src.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for _, src, dtype in items:
+            with open(src.file, "rb") as f:
+                f.seek(src.start)
+                if dtype == src.dtype:
+                    left = src.nbytes
+                    while left:
+                        chunk = f.read(min(CHUNK, left))
+                        if not chunk:
+                            raise LlmdropError(f"{src.file} is truncated")
+                        out.write(chunk)
+                        left -= len(chunk)
+                else:
+                    data = bytearray(f.read(src.nbytes))
+                    tensor = torch.frombuffer(data, dtype=src.dtype).to(dtype) if data else torch.empty(0, dtype=dtype)
+                    out.write(tensor.view(torch.uint8).numpy().data)
+
+
+def write_weights(
+    source_folder,
+    adapter: Adapter,
+    plan: DropPlan,
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    total_parameters: int,
+    max_shard_size=None,
+    progress: bool = True,
+) -> dict:
+    """Write the export's weights (model.safetensors, or shards + index) into ``folder``; returns what was written:
+    ``{"tensors": n, "bytes": n, "shards": n}``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from tqdm.auto import tqdm
+
+    chosen = {}
+    for name, src in stored_tensors(source_folder).items():
+        new = export_name(name, adapter, plan)
+        if new is not None:
+            chosen[new] = (src, _target_dtype(src.dtype, dtype))
+    meta = {name: torch.empty(src.shape, dtype=dt, device="meta") for name, (src, dt) in chosen.items()}
+    split = split_torch_state_dict_into_shards(
+        meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size or default_max_shard_size()
+    )
+    total = sum(src.nbytes // src.dtype.itemsize * dt.itemsize for src, dt in chosen.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress) as bar:
+        for filename, names in split.filename_to_tensors.items():
+            items = [(n, *chosen[n]) for n in sorted(names)]
+            _write_file(folder / filename, items)
+            bar.update(sum(src.nbytes // src.dtype.itemsize * dt.itemsize for _, src, dt in items))
+    if split.is_sharded:
+        index = {
+            "metadata": {"total_parameters": total_parameters, **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        }
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return {"tensors": len(chosen), "bytes": total, "shards": len(split.filename_to_tensors)}
