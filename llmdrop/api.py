@@ -5,6 +5,7 @@ it) or an already loaded model; calibration is a source string or a ``CalibSpec`
 pipeline stages; the verbs of the analysis commands live in their own modules and are re-exported here.
 """
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -200,6 +201,10 @@ def drop(
     fmt: str = "auto",
     overwrite: bool = False,
     force_scores: bool = False,
+    selector: str = "cosine",
+    candidates: int | None = None,
+    loss_samples: int = 8,
+    compensate: str | None = None,
     progress: bool = True,
 ) -> tuple[Path, DropPlan]:
     """Choose what to drop (by score or explicitly) and export the result to ``out``.
@@ -207,6 +212,10 @@ def drop(
     ``skip_attention_from=K`` drops the attention sublayers of layers K..L-1 (the "skip-attention" manipulation).
     ``scores`` made for another model are refused unless ``force_scores``. ``dtype`` is the saved dtype (auto: as
     loaded); ``fmt`` the checkpoint format (auto | vanilla | llmdrop, see ``llmdrop.exporters``).
+    ``selector`` (cosine | loss | angular-contiguous | reverse, see ``llmdrop.select``) chooses the counted parts;
+    ``loss`` pre-filters to the ``candidates`` lowest by cosine and evaluates on the first ``loss_samples``
+    calibration blocks. ``compensate="linear"`` folds a least-squares map for every dropped run of blocks into the
+    layer before it (``llmdrop.compensate``).
     """
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
@@ -228,6 +237,19 @@ def drop(
         )
     if iterative and (not counted or any(layer_args)):
         raise LlmdropError("--iterative needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
+    from .compensate import check_method, check_supported
+    from .select import check_selection
+
+    check_method(compensate)
+    check_selection(
+        selector,
+        candidates=candidates,
+        loss_samples=loss_samples,
+        counts={"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint},
+        explicit=any(layer_args) or skip_attention_from is not None,
+        iterative=iterative,
+        scores_given=scores is not None,
+    )
     if isinstance(scores, (str, Path)):
         where = f" in {scores}"
         scores = Scores.load(scores)
@@ -242,11 +264,14 @@ def drop(
     loaded = as_loaded(model)
     n = loaded.num_layers
     _check_request(n, scores, layer_args, skip_attention_from, **counts)  # GGUF and Hub sources: now, before scoring
+    if compensate:
+        check_supported(loaded.adapter)
     lists = {
         k: as_layers(v, n)
         for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers), ("block_layers", block_layers))
     }
     extra = {}
+    tokens = None
     if skip_attention_from is not None:
         # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
         from .manipulate import skip_attention_layers
@@ -268,14 +293,48 @@ def drop(
         )
         scores = Scores(loaded.source, n, metric, calib.record(tokens), first)
         extra["iterative_steps"] = steps
+    elif counted and selector != "cosine":
+        from .select import choose
+
+        start = time.perf_counter()
+        tokens = calib.tokens(loaded.tokenizer, loaded.model) if selector != "reverse" else None
+        if selector == "loss" and scores is None:  # the cosine pre-filter
+            imp = compute_importance(
+                loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
+            )
+            scores = Scores(loaded.source, n, metric, calib.record(tokens), imp)
+        plan, extra["selection"] = choose(
+            selector,
+            loaded,
+            tokens,
+            importance=scores.importance if scores else None,
+            **counts,
+            candidates=candidates,
+            loss_samples=loss_samples,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        extra["selection"]["seconds_total"] = round(time.perf_counter() - start, 3)  # calibration and scoring too
     elif counted:
-        if scores is None:
+        if scores is None and compensate:  # the same calibration tokens for both, sampled once
+            tokens = calib.tokens(loaded.tokenizer, loaded.model)
+            imp = compute_importance(
+                loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
+            )
+            scores = Scores(loaded.source, n, metric, calib.record(tokens), imp)
+        elif scores is None:
             scores = score(loaded, calib=calib, metric=metric, batch_size=batch_size, progress=progress)
         plan = select(scores.importance, attn=attn, mlp=mlp, blocks=blocks, joint=joint, **lists)
     else:
         plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
         if plan.empty:
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
+    if compensate:
+        from .compensate import compensate_linear
+
+        if tokens is None:
+            tokens = calib.tokens(loaded.tokenizer, loaded.model)
+        extra["compensation"] = compensate_linear(loaded, plan, tokens, batch_size=batch_size, progress=progress)
     path = export(
         loaded,
         plan,

@@ -208,6 +208,32 @@ def drop_cmd(
         ),
     ] = False,
     iterative: Annotated[bool, typer.Option(help="Re-score after every single drop (in process).")] = False,
+    selector: Annotated[
+        str,
+        typer.Option(
+            "--select",
+            help="How counted parts are chosen: cosine (lowest importance), loss (greedy on the calibration loss), "
+            "angular-contiguous (a run of --blocks N, Gromov et al.) or reverse (the last parts before the final "
+            "layer). See docs/selection.md.",
+        ),
+    ] = "cosine",
+    candidates: Annotated[
+        Optional[int],
+        typer.Option(
+            help="--select loss: evaluate only the K lowest by cosine [default: twice the count].", show_default=False
+        ),
+    ] = None,
+    loss_samples: Annotated[
+        int, typer.Option("--loss-samples", help="--select loss: calibration blocks the loss is measured on.")
+    ] = 8,
+    compensate: Annotated[
+        Optional[str],
+        typer.Option(
+            help="linear: fold a least-squares map for each dropped run of blocks into the layer before it "
+            "(ReplaceMe; the export stays vanilla).",
+            show_default=False,
+        ),
+    ] = None,
     skip_attention_from: Annotated[
         Optional[int],
         typer.Option(
@@ -252,6 +278,10 @@ def drop_cmd(
         force_scores=force_scores,
         iterative=iterative,
         skip_attention_from=skip_attention_from,
+        selector=selector,
+        candidates=candidates,
+        loss_samples=loss_samples,
+        compensate=compensate,
         calib=calib,
         metric=metric,
         batch_size=batch_size,

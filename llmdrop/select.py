@@ -1,0 +1,344 @@
+"""Selectors: which parts to drop, beyond the one-shot cosine ranking of ``plan.select``.
+
+- ``cosine``: the lowest importance (``llmdrop.scoring``), chosen in one shot (LLM-Drop).
+- ``loss``: greedy search on the calibration loss (BlockPruner, SLEB, FinerCut): at every step, remove the
+  candidate whose removal gives the lowest next-token cross-entropy on a subset of the calibration tokens,
+  with the parts already chosen removed. The parts are made identities with the very stand-ins an export uses
+  (``DroppedAttention`` / ``DroppedMLP``, norms -> ``Identity``), swapped in and back out for each evaluation.
+  The candidates are pre-filtered to the ``candidates`` lowest by cosine importance.
+- ``angular-contiguous``: the run of n blocks l..l+n-1 whose input and output, on the last token of each
+  calibration sample, are closest: min over l of mean arccos(cos(h_l, h_{l+n})) / pi (Gromov et al. 2024).
+- ``reverse``: the last parts before the final layer (the last layer itself is kept; "Reassessing Layer
+  Pruning", Lu et al. 2024).
+
+Every selector returns a DropPlan and a record (selector, parameters, per-candidate numbers, time) that goes
+into the export's ``llmdrop.json``.
+"""
+
+import math
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import LlmdropError
+from .modeling.modeling_llmdrop import DroppedAttention, DroppedMLP
+from .plan import DropPlan
+from .plan import select as select_by_scores
+
+SELECTORS = ("cosine", "loss", "angular-contiguous", "reverse")
+DEFAULT_LOSS_SAMPLES = 8
+
+
+def check_selection(
+    selector: str,
+    *,
+    candidates: int | None,
+    loss_samples: int,
+    counts: dict,
+    explicit: bool,
+    iterative: bool,
+    scores_given: bool,
+) -> None:
+    """Everything about a selection request that needs no model (run before loading)."""
+    if selector not in SELECTORS:
+        raise LlmdropError(f"unknown --select {selector!r}; use {', '.join(SELECTORS)}")
+    if candidates is not None and candidates < 1:
+        raise LlmdropError(f"--candidates must be >= 1 (got {candidates})")
+    if loss_samples < 1:
+        raise LlmdropError(f"--loss-samples must be >= 1 (got {loss_samples})")
+    if selector == "cosine":
+        return
+    if iterative:
+        raise LlmdropError(f"--iterative re-scores by cosine; --select {selector} does not combine with it")
+    if explicit or not any(counts.values()):
+        raise LlmdropError(f"--select {selector} needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
+    if selector == "angular-contiguous" and (counts["attn"] or counts["mlp"] or counts["joint"]):
+        raise LlmdropError("--select angular-contiguous cuts a run of whole blocks: use --blocks N only")
+    if scores_given and selector != "loss":
+        raise LlmdropError(f"--select {selector} reads no scores; leave out --scores")
+
+
+# --------------------------------------------------------------------------- in-memory removal
+
+
+@contextmanager
+def removed(model, adapter, attn=(), mlp=()):
+    """Make these attention / MLP sublayers (current numbering; a block is both) add nothing to the residual
+    stream, with the stand-ins of llmdrop's exports, and put the original modules back on exit."""
+    layers = adapter.layer_list(model)
+    saved = []
+    try:
+        for kind, which, stand_in in (("attn", attn, DroppedAttention), ("mlp", mlp, DroppedMLP)):
+            module, *norms = getattr(adapter, kind)
+            for i in which:
+                for name, new in ((module, stand_in()), *((norm, nn.Identity()) for norm in norms)):
+                    saved.append((layers[i], name, getattr(layers[i], name)))
+                    setattr(layers[i], name, new)
+        yield model
+    finally:
+        for layer, name, original in reversed(saved):
+            setattr(layer, name, original)
+
+
+def _parts(dropped: set) -> dict:
+    """{(kind, layer)} with kind in attn / mlp / block -> removed()'s keyword arguments."""
+    attn = sorted({i for k, i in dropped if k in ("attn", "block")})
+    mlp = sorted({i for k, i in dropped if k in ("mlp", "block")})
+    return {"attn": attn, "mlp": mlp}
+
+
+def _plan(num_layers: int, dropped: set, method: str) -> DropPlan:
+    parts = _parts(dropped)
+    return DropPlan(num_layers, blocks=[], attn=parts["attn"], mlp=parts["mlp"], method=method)
+
+
+def _name(kind: str, layer: int) -> str:
+    return f"{kind}{layer}"
+
+
+# --------------------------------------------------------------------------- loss
+
+
+@torch.no_grad()
+def calibration_loss(model, tokens: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``tokens`` (nats per token)."""
+    from .evaluation import perplexity
+
+    return perplexity(model, tokens, batch_size=batch_size, progress=False)["nll"]
+
+
+def _eligible(kind: str, num_layers: int, dropped: set) -> list[tuple[str, int]]:
+    """The parts of this kind that are still there (joint: attention and MLP sublayers)."""
+    gone = _parts(dropped)
+    out = []
+    for k in ("attn", "mlp") if kind == "joint" else (kind,):
+        for i in range(num_layers):
+            if k == "block":
+                if i not in gone["attn"] and i not in gone["mlp"]:
+                    out.append((k, i))
+            elif i not in gone[k]:
+                out.append((k, i))
+    return out
+
+
+def default_candidates(count: int) -> int:
+    """Pre-filter size when --candidates is not given: twice the number of parts to drop."""
+    return 2 * count
+
+
+def loss_search(
+    model,
+    adapter,
+    tokens: torch.Tensor,
+    importance: dict,
+    *,
+    attn: int = 0,
+    mlp: int = 0,
+    blocks: int = 0,
+    joint: int = 0,
+    candidates: int | None = None,
+    loss_samples: int = DEFAULT_LOSS_SAMPLES,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> tuple[DropPlan, dict]:
+    """Greedy removal by calibration loss; ``importance`` (cosine scores) pre-filters the candidates."""
+    from tqdm.auto import tqdm
+
+    num_layers = len(importance["block"])
+    subset = tokens[:loss_samples]
+    dropped: set = set()
+    requests = [(k, c) for k, c in (("block", blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)) if c]
+    # The pools are fixed per request when it starts; their sizes fix the number of evaluations up front.
+    pools, plan_sizes, ahead = [], [], set()
+    for kind, count in requests:
+        eligible = _eligible(kind, num_layers, ahead)
+        k = min(len(eligible), candidates or default_candidates(count))
+        if count > k:
+            raise LlmdropError(
+                f"cannot drop {count} {kind} parts by loss from {k} candidates"
+                + (" (raise --candidates)" if k < len(eligible) else "")
+            )
+        pool = sorted(eligible, key=lambda p: (importance[p[0]][p[1]], p[1]))[:k]
+        pools.append(pool)
+        plan_sizes.append(sum(k - s for s in range(count)))
+        # assume the request's lowest-cosine parts go, only to size the next pools (the real choice may differ)
+        ahead |= set(pool[:count])
+    evaluations = sum(plan_sizes)
+    batches = math.ceil(len(subset) / batch_size)
+    start = time.perf_counter()
+    base = calibration_loss(model, subset, batch_size)
+    steps = []
+    bar = tqdm(total=evaluations, desc="loss search", unit="eval", disable=not progress)
+    try:
+        for (kind, count), pool in zip(requests, pools):
+            pool = [p for p in pool if p in _eligible(kind, num_layers, dropped)]
+            if count > len(pool):
+                raise LlmdropError(f"cannot drop {count} {kind} parts by loss: only {len(pool)} candidates are left")
+            for _ in range(count):
+                losses = {}
+                for part in pool:
+                    with removed(model, adapter, **_parts(dropped | {part})):
+                        losses[part] = calibration_loss(model, subset, batch_size)
+                    bar.update()
+                best = min(pool, key=lambda p: (losses[p], pool.index(p)))  # ties: the lower cosine importance
+                dropped.add(best)
+                pool.remove(best)
+                steps.append(
+                    {
+                        "kind": best[0],
+                        "layer": best[1],
+                        "loss": losses[best],
+                        "candidates": {_name(*p): round(v, 6) for p, v in losses.items()},
+                    }
+                )
+    finally:
+        bar.close()
+    plan = _plan(num_layers, dropped, "loss")
+    record = {
+        "selector": "loss",
+        "objective": "mean next-token cross-entropy on the calibration subset (nats/token)",
+        "candidates": {kind: [_name(*p) for p in pool] for (kind, _), pool in zip(requests, pools)},
+        "loss_samples": len(subset),
+        "loss_tokens": subset.numel(),
+        "base_loss": base,
+        "evaluations": evaluations,
+        "forward_passes": (evaluations + 1) * batches,
+        "steps": steps,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return plan, record
+
+
+# --------------------------------------------------------------------------- angular-contiguous
+
+
+def _hidden(args, kwargs):
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@torch.no_grad()
+def last_token_distances(model, adapter, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True):
+    """[L+1, L+1] mean over samples of arccos(cos(h_a, h_b)) / pi on the last token, h_l the input of layer l and
+    h_L the last layer's output (the residual stream before the final norm). Only [L+1, batch, hidden] last-token
+    states of the batch in flight are held."""
+    from tqdm.auto import tqdm
+
+    layers = adapter.layer_list(model)
+    n = len(layers)
+    states = [None] * (n + 1)
+    handles = []
+    for i, layer in enumerate(layers):
+
+        def on_input(module, args, kwargs, i=i):
+            states[i] = _hidden(args, kwargs)[:, -1].float()
+
+        handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
+
+    def on_last_output(module, args, out):
+        states[n] = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
+
+    handles.append(layers[n - 1].register_forward_hook(on_last_output))
+    sums = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(tokens), batch_size), desc="angular", unit="batch", disable=not progress):
+            model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
+            h = torch.nn.functional.normalize(torch.stack(states), dim=-1)  # [L+1, B, H]
+            cos = torch.einsum("abh,cbh->acb", h, h).clamp(-1.0, 1.0)
+            sums += (torch.arccos(cos) / math.pi).sum(-1).double().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums / len(tokens)
+
+
+def angular_contiguous(
+    model, adapter, tokens: torch.Tensor, blocks: int, *, batch_size: int = 1, progress: bool = True
+) -> tuple[DropPlan, dict]:
+    num_layers = len(adapter.layer_list(model))
+    if not 0 < blocks < num_layers:
+        raise LlmdropError(f"cannot drop {blocks} contiguous blocks of {num_layers}: keep at least one")
+    start = time.perf_counter()
+    d = last_token_distances(model, adapter, tokens, batch_size=batch_size, progress=progress)
+    per_start = [d[ell, ell + blocks].item() for ell in range(num_layers - blocks + 1)]
+    best = min(range(len(per_start)), key=lambda ell: (per_start[ell], ell))
+    plan = DropPlan(num_layers, blocks=list(range(best, best + blocks)), method="angular-contiguous")
+    record = {
+        "selector": "angular-contiguous",
+        "n": blocks,
+        "distance": "mean over samples of arccos(cos(h_l, h_l+n)) / pi on the last token; h_L before the final norm",
+        "start": best,
+        "distances": {str(ell): round(v, 6) for ell, v in enumerate(per_start)},
+        "forward_passes": math.ceil(len(tokens) / batch_size),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return plan, record
+
+
+# --------------------------------------------------------------------------- reverse
+
+
+def reverse(num_layers: int, *, attn: int = 0, mlp: int = 0, blocks: int = 0, joint: int = 0) -> tuple[DropPlan, dict]:
+    """The last parts before the final layer: blocks L-2, L-3, ...; then attention / MLP sublayers of the layers
+    below, from the top; joint takes sublayers in reverse order of execution (MLP L-2, attention L-2, MLP L-3...).
+    The final layer is never chosen."""
+    dropped: set = set()
+    for kind, count in (("block", blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)):
+        order = [p for p in _eligible(kind, num_layers - 1, dropped)]
+        order.sort(key=lambda p: (-p[1], p[0] == "attn"))  # highest layer first; in a layer, MLP before attention
+        if count > len(order):
+            raise LlmdropError(
+                f"cannot drop {count} {kind} parts in reverse order: {len(order)} are left below the final layer"
+            )
+        dropped |= set(order[:count])
+    plan = _plan(num_layers, dropped, "reverse")
+    chosen = [_name(*p) for p in sorted(dropped, key=lambda p: (-p[1], p[0]))]
+    return plan, {"selector": "reverse", "rule": "the last parts before the final layer (kept)", "order": chosen}
+
+
+# --------------------------------------------------------------------------- one entry point
+
+
+def choose(
+    selector: str,
+    loaded,
+    tokens: torch.Tensor | None,
+    *,
+    importance: dict | None = None,
+    attn: int = 0,
+    mlp: int = 0,
+    blocks: int = 0,
+    joint: int = 0,
+    candidates: int | None = None,
+    loss_samples: int = DEFAULT_LOSS_SAMPLES,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> tuple[DropPlan, dict]:
+    """The plan of ``selector`` for these counts, and its record. ``importance``: cosine scores (cosine, loss)."""
+    counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
+    n = loaded.num_layers
+    if selector == "cosine":
+        start = time.perf_counter()
+        plan = select_by_scores(importance, **counts)
+        return plan, {"selector": "cosine", "seconds": round(time.perf_counter() - start, 3)}
+    if selector == "reverse":
+        return reverse(n, **counts)
+    if selector == "angular-contiguous":
+        return angular_contiguous(
+            loaded.model, loaded.adapter, tokens, blocks, batch_size=batch_size, progress=progress
+        )
+    if selector == "loss":
+        return loss_search(
+            loaded.model,
+            loaded.adapter,
+            tokens,
+            importance,
+            **counts,
+            candidates=candidates,
+            loss_samples=loss_samples,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    raise LlmdropError(f"unknown --select {selector!r}; use {', '.join(SELECTORS)}")
