@@ -180,6 +180,31 @@ def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None
         select({kind: [0.0] * n for kind in ("attn", "mlp", "block")}, **counts)
 
 
+def _load_for_drop(model: ModelArg, *, stream: bool, calib, whole: bool) -> LoadedModel:
+    """What ``drop`` works on: a skeleton on the meta device (no weight read; scoring, if any, streams and the export
+    copies tensors from the source files) with ``stream``, or when only the plan and the files are needed (explicit
+    lists, a scores file) and the source is a safetensors checkpoint; else the whole model in memory."""
+    from .streaming import can_stream, check_streamable, load_skeleton
+
+    if stream:
+        return load_skeleton(check_streamable(model, calib))
+    spec = as_spec(model)
+    if not whole and spec is not None and can_stream(spec):
+        return load_skeleton(spec)
+    return as_loaded(model)
+
+
+def _streamed_export_source(model: ModelArg, loaded: LoadedModel) -> LoadedModel:
+    """A skeleton to export from, tensor by tensor from the source files, when they are safetensors (the whole model
+    in memory is then let go); else ``loaded``."""
+    from .streaming import can_stream, load_skeleton
+
+    spec = as_spec(model)
+    if loaded.info.get("weights_folder") or spec is None or not can_stream(spec):
+        return loaded
+    return load_skeleton(spec)
+
+
 def drop(
     model: ModelArg = None,
     out: str | None = None,
@@ -206,12 +231,17 @@ def drop(
     loss_samples: int = 8,
     compensate: str | None = None,
     progress: bool = True,
+    stream: bool = False,
+    max_shard_size: str | int | None = None,
 ) -> tuple[Path, DropPlan]:
     """Choose what to drop (by score or explicitly) and export the result to ``out``.
 
     ``skip_attention_from=K`` drops the attention sublayers of layers K..L-1 (the "skip-attention" manipulation).
     ``scores`` made for another model are refused unless ``force_scores``. ``dtype`` is the saved dtype (auto: as
     loaded); ``fmt`` the checkpoint format (auto | vanilla | llmdrop, see ``llmdrop.exporters``).
+    ``stream`` scores one layer at a time from the safetensors files and never loads the whole model. A safetensors
+    source whose weights the drop leaves unchanged is exported tensor by tensor from its files
+    (``llmdrop.stream_export``; ``max_shard_size``: the output's shard size, default transformers').
     ``selector`` (cosine | loss | angular-contiguous | reverse, see ``llmdrop.select``) chooses the counted parts;
     ``loss`` pre-filters to the ``candidates`` lowest by cosine and evaluates on the first ``loss_samples``
     calibration blocks. ``compensate="linear"`` folds a least-squares map for every dropped run of blocks into the
@@ -237,6 +267,11 @@ def drop(
         )
     if iterative and (not counted or any(layer_args)):
         raise LlmdropError("--iterative needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
+    if stream and (iterative or compensate or selector != "cosine"):
+        raise LlmdropError(
+            "--stream scores with the cosine selector only: --iterative, --compensate and other selectors run the "
+            "model in memory"
+        )
     from .compensate import check_method, check_supported
     from .select import check_selection
 
@@ -261,7 +296,10 @@ def drop(
     known = model.num_layers if isinstance(model, LoadedModel) else source_num_layers(*source_of(model))
     if known:
         _check_request(known, scores, layer_args, skip_attention_from, **counts)
-    loaded = as_loaded(model)
+    needs_calib = counted and scores is None
+    loaded = _load_for_drop(
+        model, stream=stream, calib=calib if needs_calib else None, whole=bool(counted or iterative or compensate)
+    )
     n = loaded.num_layers
     _check_request(n, scores, layer_args, skip_attention_from, **counts)  # GGUF and Hub sources: now, before scoring
     if compensate:
@@ -323,7 +361,8 @@ def drop(
             )
             scores = Scores(loaded.source, n, metric, calib.record(tokens), imp)
         elif scores is None:
-            scores = score(loaded, calib=calib, metric=metric, batch_size=batch_size, progress=progress)
+            scored = as_spec(model) if stream else loaded
+            scores = score(scored, calib=calib, metric=metric, batch_size=batch_size, progress=progress, stream=stream)
         plan = select(scores.importance, attn=attn, mlp=mlp, blocks=blocks, joint=joint, **lists)
     else:
         plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
@@ -335,6 +374,8 @@ def drop(
         if tokens is None:
             tokens = calib.tokens(loaded.tokenizer, loaded.model)
         extra["compensation"] = compensate_linear(loaded, plan, tokens, batch_size=batch_size, progress=progress)
+    if not (iterative or compensate):  # the weights in memory are the source's: copy them from its safetensors files
+        loaded = _streamed_export_source(model, loaded)
     path = export(
         loaded,
         plan,
@@ -345,6 +386,8 @@ def drop(
         scores=scores,
         calibration=scores.calibration if scores else None,
         extra=extra,
+        max_shard_size=max_shard_size,
+        progress=progress,
     )
     return path, plan
 

@@ -138,10 +138,21 @@ def export(
     calibration=None,
     base_model: str | None = None,
     extra: dict | None = None,
+    max_shard_size: str | int | None = None,
+    progress: bool = True,
 ) -> Path:
     """Apply ``plan`` to ``loaded.model`` (in place: the model is consumed) and save it to ``out`` in format
-    ``fmt`` (auto | a name of ``exporters.EXPORTERS``)."""
+    ``fmt`` (auto | a name of ``exporters.EXPORTERS``).
+
+    A skeleton from ``streaming.load_skeleton`` (``loaded.info["weights_folder"]``) is exported the same way, its
+    weights copied tensor by tensor from the source files (``llmdrop.stream_export``); ``max_shard_size`` (default:
+    transformers') applies to those streamed exports only.
+    """
     from .card import model_card
+
+    streamed = loaded.info.get("weights_folder")
+    if max_shard_size is not None and not streamed:
+        raise LlmdropError("--max-shard-size applies to streamed exports (safetensors sources); this one is in memory")
 
     out = check_output_dir(out, overwrite, inputs=[loaded.path])
     model = loaded.model
@@ -166,9 +177,26 @@ def export(
     if target != "auto":
         model.to(target)
     record["exported"]["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    record["exported"]["streamed"] = bool(streamed)
 
     with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
-        exporter.save(model, loaded.adapter, tmp)
+        if streamed:
+            from .stream_export import write_weights
+
+            model.config.dtype = record["exported"]["dtype"]  # as save_pretrained records it
+            exporter.save_config(model, loaded.adapter, tmp)
+            write_weights(
+                streamed,
+                loaded.adapter,
+                plan,
+                tmp,
+                dtype=model.dtype,
+                total_parameters=model.num_parameters(),
+                max_shard_size=max_shard_size,
+                progress=progress,
+            )
+        else:
+            exporter.save(model, loaded.adapter, tmp)
         save_tokenizer(loaded.tokenizer, tmp)
         if not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)

@@ -53,13 +53,13 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def check_streamable(model, calib) -> LoadSpec:
-    """The LoadSpec of a model argument that streamed scoring can run on, or one clear line why not."""
+def check_streamable(model, calib=None) -> LoadSpec:
+    """The LoadSpec of a model argument that can stream (scored on ``calib``, if given), or one clear line why not."""
     from .models import as_spec
 
     if isinstance(model, LoadedModel):
         raise LlmdropError("a model already in memory cannot be streamed; pass its name or folder")
-    if calib.source == "self":
+    if calib is not None and calib.source == "self":
         raise LlmdropError(
             "--stream cannot sample 'self' calibration text (sampling runs the whole model for every token); "
             "give --calib FILE (or hf:DATASET)"
