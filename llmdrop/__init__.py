@@ -18,6 +18,7 @@ _PUBLIC = {
     "probe": "api",
     "inject": "api",
     "quantize": "api",
+    "heal": "api",
     "push": "api",
     "act_search": "api",
     "act_eval": "api",

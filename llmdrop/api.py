@@ -38,6 +38,7 @@ __all__ = [
     "drop",
     "evaluate",
     "quantize",
+    "heal",
     "push",
     "bench",
     "probe",
@@ -442,6 +443,7 @@ def evaluate(
 from .act import act_apply, act_eval, act_search  # noqa: E402
 from .attnmaps import attnmap  # noqa: E402
 from .bench import bench  # noqa: E402
+from .heal import heal  # noqa: E402
 from .hub import push  # noqa: E402
 from .probing import inject, probe  # noqa: E402
 from .quantize import quantize  # noqa: E402

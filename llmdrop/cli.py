@@ -445,6 +445,105 @@ def quantize_cmd(
         )
 
 
+@app.command("heal")
+@cli_errors
+@model_options
+@calib_options
+def heal_cmd(
+    model: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="EXPORT",
+            help="The llmdrop export to heal (the student): a checkpoint directory.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Optional[str], typer.Option("--out", "-o", help="Output checkpoint directory.", show_default=False)
+    ] = None,
+    teacher: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The teacher [default: the source model recorded in EXPORT/llmdrop.json].", show_default=False
+        ),
+    ] = None,
+    train: Annotated[
+        str,
+        typer.Option(
+            help="What trains: lora (adapters on the kept attention / MLP projections, merged when saving; needs "
+            "llmdrop[heal]), last:K (the last K layers and the final norm) or full."
+        ),
+    ] = "last:4",
+    rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 8,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(help="Optimizer steps [default: one pass over the training blocks].", show_default=False),
+    ] = None,
+    lr: Annotated[
+        Optional[float],
+        typer.Option(help="Peak learning rate [default: 1e-3 lora, 2e-4 last:K, 5e-5 full].", show_default=False),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the distillation loss.")] = 1.0,
+    eval_split: Annotated[
+        float, typer.Option("--eval-split", help="Share of the calibration blocks held out (never trained on).")
+    ] = 0.1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Forward passes per optimizer step.")] = 1,
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in the backward pass (less memory, about a third more compute).",
+        ),
+    ] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    json_out: Json = False,
+    calib=None,
+):
+    """Win back what a drop cost: distil the source model (teacher) into the export (student), KL divergence of
+    their next-token distributions on calibration text; writes a checkpoint in the export's own format.
+
+    Example: `llmdrop heal smollm2-drop8blocks -o smollm2-drop8blocks-healed --samples 64 --steps 40`
+
+    Example: `llmdrop heal smollm2-drop8attn -o healed --train lora --rank 16 --calib wiki.txt --seq-len 512`
+    """
+    from . import api
+    from .report import console
+
+    result = api.heal(
+        model,
+        out,
+        teacher=teacher,
+        train=train,
+        rank=rank,
+        steps=steps,
+        lr=lr,
+        temperature=temperature,
+        calib=calib,
+        eval_split=eval_split,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        gradient_checkpointing=gradient_checkpointing,
+        overwrite=overwrite,
+    )
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, indent=2))
+    else:
+        h = result["heldout"]
+        ppl = (
+            f"; held-out perplexity {h['perplexity_before']:.2f} -> {h['perplexity_after']:.2f} (teacher "
+            f"{h['teacher_perplexity']:.2f}, {h['tokens']:,} tokens)"
+            if h["samples"]
+            else ""
+        )
+        console.print(
+            f"healed with {result['method']} ({result['trainable_parameters']:,} parameters trained): "
+            f"{result['steps']} steps, {result['tokens_seen']:,} tokens, {result['seconds']:.0f} s; loss "
+            f"{result['loss_start']:.4f} -> {result['loss_end']:.4f}{ppl}\nwrote {result['out']}",
+            soft_wrap=True,
+        )
+
+
 @app.command("bench")
 @cli_errors
 def bench_cmd(
