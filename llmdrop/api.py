@@ -276,7 +276,10 @@ def drop(
     from .compensate import check_method, check_supported
     from .select import check_selection
 
-    check_method(compensate)
+    check_method(
+        compensate,
+        may_drop_blocks=bool(blocks or block_layers or joint or ((attn or attn_layers) and (mlp or mlp_layers))),
+    )
     check_selection(
         selector,
         candidates=candidates,
@@ -365,6 +368,7 @@ def drop(
             scored = as_spec(model) if stream else loaded
             scores = score(scored, calib=calib, metric=metric, batch_size=batch_size, progress=progress, stream=stream)
         plan = select(scores.importance, attn=attn, mlp=mlp, blocks=blocks, joint=joint, **lists)
+        extra["selection"] = {"selector": "cosine", "metric": scores.metric}
     else:
         plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
         if plan.empty:

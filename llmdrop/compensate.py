@@ -38,9 +38,17 @@ from .plan import DropPlan
 METHODS = ("linear",)
 
 
-def check_method(method: str | None) -> None:
-    if method is not None and method not in METHODS:
+def check_method(method: str | None, *, may_drop_blocks: bool = True) -> None:
+    """Before any model work: a known method, and a request that can drop whole blocks at all."""
+    if method is None:
+        return
+    if method not in METHODS:
         raise LlmdropError(f"unknown --compensate {method!r}; use {', '.join(METHODS)}")
+    if not may_drop_blocks:
+        raise LlmdropError(
+            "--compensate linear replaces dropped blocks; this request drops only attention or only MLP sublayers "
+            "(use --blocks / --block-layers, or --joint)"
+        )
 
 
 def check_supported(adapter) -> None:
@@ -143,9 +151,18 @@ def _statistics(model, adapter, tokens, prev: int, last: int, *, batch_size: int
     ]
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="compensate", unit="batch", disable=not progress):
+        for start in tqdm(
+            range(0, len(tokens), batch_size),
+            desc="compensate",
+            unit="batch",
+            disable=not progress,
+        ):
             try:
-                model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
+                model(
+                    input_ids=tokens[start : start + batch_size].to(device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
             except _Stop:
                 pass
     finally:
@@ -155,7 +172,12 @@ def _statistics(model, adapter, tokens, prev: int, last: int, *, batch_size: int
 
 
 def compensate_linear(
-    loaded, plan: DropPlan, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True
+    loaded,
+    plan: DropPlan,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: bool = True,
 ) -> dict:
     """Fold a least-squares map for every dropped run of blocks of ``plan`` into ``loaded.model`` (in place; the
     plan itself is applied later by the export). Returns the record for llmdrop.json."""
@@ -182,7 +204,15 @@ def compensate_linear(
         attn = sorted(set(plan.attn) | set(done))
         mlp = sorted(set(plan.mlp) | set(done))
         with removed(model, adapter, attn=attn, mlp=mlp):
-            stats = _statistics(model, adapter, tokens, prev, last, batch_size=batch_size, progress=progress)
+            stats = _statistics(
+                model,
+                adapter,
+                tokens,
+                prev,
+                last,
+                batch_size=batch_size,
+                progress=progress,
+            )
         transform, residual = stats.solve()
         fold(layers_mlp(model, adapter, prev), transform)
         done.extend(range(first, last + 1))

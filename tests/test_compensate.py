@@ -1,0 +1,193 @@
+"""--compensate linear (llmdrop.compensate): a run that is exactly linear in the MLP output of the layer before it
+is restored to the original logits, the fold is exact for every kind of MLP, and the export stays vanilla."""
+
+import json
+import random
+
+import pytest
+import torch
+from tiny_models import COMMON, WORDS, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+import llmdrop
+from llmdrop.cli import app
+from llmdrop.compensate import fold, runs
+from llmdrop.data import CalibSpec
+
+HIDDEN = COMMON["hidden_size"]
+SUB = torch.arange(HIDDEN // 2, HIDDEN)  # a subspace the residual stream leaves empty until layer 1's MLP
+REST = torch.arange(0, HIDDEN // 2)
+
+
+def save(model, folder):
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(2000)))
+    return CalibSpec(str(path), samples=8, seq_len=24)
+
+
+def linear_run_model():
+    """4 layers; block 2 maps out_1 = h_mid + m (layer 1's post-attention stream plus its MLP output) to exactly
+    h_mid + m (I + B) with B != 0: the linear map ReplaceMe estimates exists.
+
+    - RMS norms are made linear (eps 1e12, weight 1e6: x / sqrt(mean x^2 + eps) * 1e6 = x up to 1e-12);
+    - the embeddings, layer 0 and layer 1's attention write nothing into SUB, so h_mid has no SUB component;
+    - block 2's attention adds nothing, its MLP reads only SUB (up_proj), with a constant gate (sigmoid(0) = 0.5):
+      mlp(x) = 0.5 * down(up(x)) is linear and sees only m, so h_3 = h_mid + m + 0.5 m U^T D^T."""
+    config = LlamaConfig(num_hidden_layers=4, **{**COMMON, "hidden_act": "sigmoid", "rms_norm_eps": 1e12})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    layers = model.model.layers
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.weight.fill_(1e6)
+        model.model.embed_tokens.weight.mul_(50)
+        model.model.embed_tokens.weight[:, SUB] = 0
+        model.lm_head.weight[:, SUB] *= 30  # the logits read the subspace the run changes
+        layers[0].self_attn.o_proj.weight[SUB] = 0
+        layers[0].mlp.down_proj.weight[SUB] = 0
+        layers[1].self_attn.o_proj.weight[SUB] = 0
+        layers[2].self_attn.o_proj.weight.zero_()
+        layers[2].mlp.gate_proj.weight.zero_()
+        layers[2].mlp.up_proj.weight[:, REST] = 0
+        layers[2].mlp.down_proj.weight.mul_(30)
+    return model
+
+
+def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_path):
+    original = linear_run_model()
+    src = save(original, tmp_path / "src")
+    ids = torch.randint(4, 132, (3, 20), generator=torch.Generator().manual_seed(1))  # not the calibration text
+    with torch.no_grad():
+        expected = original(ids, use_cache=False).logits
+    logits = {}
+    for method in (None, "linear"):
+        out, plan = llmdrop.drop(
+            str(src),
+            str(tmp_path / f"out-{method}"),
+            block_layers="2",
+            compensate=method,
+            calib=calib,
+            progress=False,
+        )
+        assert plan.blocks == [2]
+        config = json.loads((out / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+        assert config["num_hidden_layers"] == 3
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)  # plain transformers
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        assert type(model) is LlamaForCausalLM
+        with torch.no_grad():
+            logits[method] = model.eval()(ids, use_cache=False).logits
+        record = json.loads((out / "llmdrop.json").read_text())
+    assert (logits[None] - expected).abs().max() > 1e-2  # dropping the run alone changes the logits
+    torch.testing.assert_close(logits["linear"], expected, atol=1e-5, rtol=0)
+    (run,) = record["compensation"]["runs"]
+    assert run["layers"] == [2, 2] and run["folded_into"] == "layer 1 MLP output projection"
+    assert run["tokens"] == 8 * 24
+    assert run["relative_error_plain_drop"] > 0.05 and run["relative_error_compensated"] < 1e-9
+    assert record["exported"]["format"] == "vanilla"
+
+
+def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, tmp_path):
+    src = save(tiny_model("llama", 8), tmp_path / "src")
+    out, _ = llmdrop.drop(
+        str(src),
+        str(tmp_path / "out"),
+        block_layers="0,3,4,6",
+        compensate="linear",
+        calib=calib,
+        progress=False,
+    )
+    record = json.loads((out / "llmdrop.json").read_text())["compensation"]
+    first, second, third = record["runs"]
+    assert first == {
+        "layers": [0, 0],
+        "skipped": "the run starts at layer 0: there is no layer before it to fold the map into",
+    }
+    assert second["layers"] == [3, 4] and second["folded_into"] == "layer 2 MLP output projection"
+    assert third["layers"] == [6, 6] and third["folded_into"] == "layer 5 MLP output projection"
+    for run in (
+        second,
+        third,
+    ):  # least squares on the calibration tokens beats the plain drop (T = identity)
+        assert run["relative_error_compensated"] < run["relative_error_plain_drop"]
+    assert record["forward_passes"] == 2 * 8
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    # the layers before the runs carry the folded weights, the others are the source's
+    source = tiny_model("llama", 8).state_dict()
+    state = model.state_dict()
+    for exported, src_layer in ((0, 1), (1, 2), (2, 5), (3, 7)):
+        name = "model.layers.{}.mlp.down_proj.weight"
+        same = torch.equal(state[name.format(exported)], source[name.format(src_layer)])
+        assert same == (src_layer not in (2, 5)), src_layer
+
+
+@pytest.mark.parametrize("arch", ["llama-bias", "phi3", "qwen3", "mixtral"])
+def test_fold_multiplies_the_mlp_output_by_the_map(arch):
+    if arch == "llama-bias":
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, mlp_bias=True, **COMMON))
+    else:
+        model = tiny_model(arch, 1)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    transform = torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(1)) / HIDDEN**0.5
+    with torch.no_grad():
+        expected = mlp(x) @ transform
+        fold(mlp, transform)
+        torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_runs():
+    assert runs([9, 3, 4, 5]) == [(3, 5), (9, 9)]
+    assert runs([]) == []
+
+
+def test_sandwich_norms_are_refused_before_any_work(calib, tmp_path):
+    src = save(tiny_model("gemma2", 4), tmp_path / "src")
+    result = CliRunner().invoke(
+        app,
+        [
+            "drop",
+            str(src),
+            "-o",
+            str(tmp_path / "out"),
+            "--blocks",
+            "1",
+            "--compensate",
+            "linear",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "error: --compensate linear folds a map into the MLP output of the layer before a dropped run; gemma2" in (
+        result.output
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_request_without_blocks_is_refused_before_loading(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "drop",
+            str(tmp_path / "no-model"),
+            "-o",
+            str(tmp_path / "out"),
+            "--attn",
+            "2",
+            "--compensate",
+            "linear",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "--compensate linear replaces dropped blocks; this request drops only attention" in result.output
