@@ -289,10 +289,15 @@ def drop_cmd(
         fmt=fmt,
         overwrite=overwrite,
     )
-    exported = json.loads((path / "llmdrop.json").read_text())["exported"]
+    record = json.loads((path / "llmdrop.json").read_text())
+    exported = record["exported"]
     if json_out:
         typer.echo(json.dumps({"out": str(path), "plan": plan.to_dict(), "format": exported["format"]}, indent=2))
     else:
+        from .select import describe_records
+
+        for line in describe_records(record.get("selection"), record.get("compensation")):
+            console.print(line, soft_wrap=True)
         why = f" ({'; '.join(exported['format_reason'])})" if exported.get("format_reason") else ""
         console.print(
             f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "

@@ -380,3 +380,23 @@ def choose(
             progress=progress,
         )
     raise LlmdropError(f"unknown --select {selector!r}; use {', '.join(SELECTORS)}")
+
+
+def describe_records(selection: dict | None, compensation: dict | None) -> list[str]:
+    """One human line each about how the parts were chosen and compensated (for `llmdrop drop`)."""
+    lines = []
+    if selection and selection["selector"] != "cosine":
+        cost = f", {selection['forward_passes']} forward passes" if "forward_passes" in selection else ""
+        seconds = selection.get("seconds_total", selection.get("seconds", 0.0))
+        lines.append(f"chosen by --select {selection['selector']} in {seconds:.1f} s{cost}")
+    for run in (compensation or {}).get("runs", []):
+        first, last = run["layers"]
+        if "skipped" in run:
+            lines.append(f"blocks {first}-{last} not compensated: {run['skipped']}")
+        else:
+            lines.append(
+                f"blocks {first}-{last} compensated in the {run['folded_into']}: calibration error "
+                f"{run['relative_error_plain_drop']:.3f} -> {run['relative_error_compensated']:.3f} (relative, "
+                f"{run['tokens']} tokens)"
+            )
+    return lines
