@@ -50,6 +50,14 @@ SeqLen = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed for sampling and block selection.")]
 Metric = Annotated[str, typer.Option(help="cosine (1 - cos) or angular (arccos(cos) / pi).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")]
+Stream = Annotated[
+    bool,
+    typer.Option(
+        "--stream",
+        help="Score one decoder layer at a time, read from the safetensors files (models larger than memory; "
+        "needs --calib text, not self).",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 # `llmdrop --debug VERB ...` (or LLMDROP_DEBUG=1): the traceback instead of one error line.
@@ -160,17 +168,26 @@ def score_cmd(
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot of the three importance curves.")] = None,
     metric: Metric = "cosine",
     batch_size: BatchSize = 1,
+    stream: Stream = False,
     json_out: Json = False,
     calib=None,
 ):
     """Score every attention sublayer, MLP sublayer and block (lower importance = more redundant).
 
     Example: `llmdrop score smollm2-135m --out scores.json --plot scores.png`
+
+    Example: `llmdrop score ./Llama-3-70B --stream --calib wiki.txt -o scores.json` (one layer in memory at a time)
+
+    Example: `torchrun --nproc-per-node 8 -m llmdrop score ./Llama-3-70B --calib wiki.txt -o scores.json` (each rank
+    scores its share of the calibration blocks; rank 0 writes)
     """
     from . import api
+    from .distributed import is_main
     from .report import console, scores_table
 
-    scores = api.score(model, calib=calib, metric=metric, batch_size=batch_size, out=out, plot=plot)
+    scores = api.score(model, calib=calib, metric=metric, batch_size=batch_size, out=out, plot=plot, stream=stream)
+    if not is_main():
+        return
     if json_out:
         typer.echo(json.dumps(scores.to_dict(), indent=2))
     else:
@@ -254,6 +271,15 @@ def drop_cmd(
         ),
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    stream: Stream = False,
+    max_shard_size: Annotated[
+        Optional[str],
+        typer.Option(
+            "--max-shard-size",
+            help="Largest weight file of a streamed export, e.g. 5GB [default: transformers' save_pretrained default].",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Json = False,
     calib=None,
 ):
@@ -288,6 +314,8 @@ def drop_cmd(
         dtype=model.dtype,
         fmt=fmt,
         overwrite=overwrite,
+        stream=stream,
+        max_shard_size=max_shard_size,
     )
     record = json.loads((path / "llmdrop.json").read_text())
     exported = record["exported"]
@@ -301,7 +329,12 @@ def drop_cmd(
         why = f" ({'; '.join(exported['format_reason'])})" if exported.get("format_reason") else ""
         console.print(
             f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "
-            f"mlp {plan.mlp})\nwrote {path} in the {exported['format']} format{why}",
+            f"mlp {plan.mlp})\nwrote {path} in the {exported['format']} format{why}"
+            + (
+                "\nweights copied tensor by tensor from the source's safetensors files"
+                if exported.get("streamed")
+                else ""
+            ),
             soft_wrap=True,
         )
 

@@ -1,0 +1,246 @@
+"""Layer-streamed scoring and streamed export on tiny random models of all eight architectures, from checkpoints on
+disk: the streamed results must equal the in-memory ones (scores within 1e-5, export tensors bit for bit)."""
+
+import json
+import random
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import ARCHS, FIRST_WORD_ID, VOCAB_SIZE, tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from llmdrop import stream_export
+from llmdrop.cli import app
+from llmdrop.errors import LlmdropError
+from llmdrop.export import export
+from llmdrop.models import LoadSpec, load_model
+from llmdrop.plan import DropPlan
+from llmdrop.scoring import compute_importance
+from llmdrop.streaming import load_skeleton, stream_importance
+
+N = 6
+IDS = torch.randint(
+    FIRST_WORD_ID, VOCAB_SIZE, (5, 14), generator=torch.Generator().manual_seed(0)
+)
+PLANS = {
+    "blocks": {"blocks": [0, 4]},
+    "sublayers": {"blocks": [4], "attn": [0, 3], "mlp": [1]},
+}
+
+
+@cache
+def source_dir(arch) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=f"llmdrop-stream-{arch}-"))
+    tiny_model(arch, N).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def weights(folder) -> dict:
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_scores_equal_in_memory(arch):
+    loaded = load_model(str(source_dir(arch)), device="cpu")
+    # batch size 2 over 5 samples: the last batch is smaller (its own masks and position embeddings)
+    memory = compute_importance(
+        loaded.model, loaded.adapter, IDS, batch_size=2, progress=False
+    )
+    streamed = stream_importance(
+        LoadSpec(str(source_dir(arch)), device="cpu"), IDS, batch_size=2, progress=False
+    )
+    for kind in ("attn", "mlp", "block"):
+        assert len(streamed[kind]) == N
+        assert streamed[kind] == pytest.approx(memory[kind], abs=1e-5)
+    assert (
+        min(memory["block"]) > 0.01
+    )  # random layers change the stream: the comparison is not 0 == 0
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_export_is_tensor_identical(arch, plan, tmp_path):
+    src = str(source_dir(arch))
+    export(
+        load_model(src, device="cpu"), DropPlan(N, **PLANS[plan]), tmp_path / "memory"
+    )
+    skeleton = load_skeleton(LoadSpec(src, device="cpu"))
+    assert all(
+        p.device.type == "meta" for p in skeleton.model.parameters()
+    )  # no weight was read
+    export(skeleton, DropPlan(N, **PLANS[plan]), tmp_path / "streamed", progress=False)
+    a, b = weights(tmp_path / "memory"), weights(tmp_path / "streamed")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    files = {p.name: p for p in (tmp_path / "memory").iterdir()}
+    assert set(files) == {p.name for p in (tmp_path / "streamed").iterdir()}
+    assert json.loads(files["config.json"].read_text()) == json.loads(
+        (tmp_path / "streamed/config.json").read_text()
+    )
+    record = json.loads((tmp_path / "streamed/llmdrop.json").read_text())["exported"]
+    assert record["streamed"] is True and record["num_layers"] == N - len(
+        PLANS[plan]["blocks"]
+    )
+
+
+def test_sharded_bfloat16_streamed_export(tmp_path):
+    """--dtype cast per tensor and small shards: the index names every tensor once, the reload is complete
+    (the export's own check) and gives the in-memory export's logits."""
+    src = str(source_dir("llama"))
+    plan = DropPlan(N, **PLANS["sublayers"])
+    export(load_model(src, device="cpu", dtype="bfloat16"), plan, tmp_path / "memory")
+    skeleton = load_skeleton(LoadSpec(src, device="cpu", dtype="bfloat16"))
+    export(skeleton, plan, tmp_path / "streamed", max_shard_size="40KB", progress=False)
+    out = tmp_path / "streamed"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 5 and sorted(set(index["weight_map"].values())) == [
+        p.name for p in shards
+    ]
+    assert all(
+        p.stat().st_size <= 40_000 + 10_000 for p in shards
+    )  # a shard exceeds the size only by one tensor
+    b = weights(out)
+    assert {t.dtype for t in b.values()} == {torch.bfloat16}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in b.values())
+    a = weights(tmp_path / "memory")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    ids = IDS[:2]
+    with torch.no_grad():
+        logits = [
+            AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)(ids).logits
+            for d in (tmp_path / "memory", out)
+        ]
+    torch.testing.assert_close(logits[0], logits[1], atol=0, rtol=0)
+
+
+def test_interrupted_streamed_export_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(path, items):
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream_export, "_write_file", failing)
+    skeleton = load_skeleton(LoadSpec(str(source_dir("llama")), device="cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        export(skeleton, DropPlan(N, blocks=[1]), tmp_path / "out", progress=False)
+    assert calls and list(tmp_path.iterdir()) == []
+
+
+def test_export_name_renumbers_and_leaves_out_dropped_parts():
+    from llmdrop.arch import ADAPTERS
+
+    plan = DropPlan(6, blocks=[1], attn=[2], mlp=[3])
+    llama, gemma = ADAPTERS["llama"], ADAPTERS["gemma2"]
+    name = stream_export.export_name
+    assert name("model.layers.1.mlp.up_proj.weight", llama, plan) is None
+    assert name("model.layers.2.self_attn.q_proj.weight", llama, plan) is None
+    assert name("model.layers.2.input_layernorm.weight", llama, plan) is None
+    assert (
+        name("model.layers.2.post_attention_layernorm.weight", llama, plan)
+        == "model.layers.1.post_attention_layernorm.weight"
+    )
+    assert (
+        name("model.layers.2.post_attention_layernorm.weight", gemma, plan) is None
+    )  # Gemma: the attention's
+    assert (
+        name(
+            "model.layers.3.block_sparse_moe.experts.0.w1.weight",
+            ADAPTERS["mixtral"],
+            plan,
+        )
+        is None
+    )
+    assert (
+        name("model.layers.5.mlp.up_proj.weight", llama, plan)
+        == "model.layers.4.mlp.up_proj.weight"
+    )
+    assert name("lm_head.weight", llama, plan) == "lm_head.weight"
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    rng = random.Random(0)
+    path.write_text(" ".join(f"w{rng.randrange(128)}" for _ in range(2000)))
+    return path
+
+
+def test_cli_stream_score_and_drop(tmp_path, calib_file):
+    src = str(source_dir("llama"))
+    calib = [
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "6",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    runner = CliRunner()
+    plain = runner.invoke(app, ["score", src, *calib, "--json"])
+    streamed = runner.invoke(app, ["score", src, *calib, "--stream", "--json"])
+    assert plain.exit_code == 0 and streamed.exit_code == 0, streamed.output
+    a, b = (
+        json.loads(plain.stdout)["importance"],
+        json.loads(streamed.stdout)["importance"],
+    )
+    assert all(b[k] == pytest.approx(a[k], abs=1e-5) for k in a)
+    worst = sorted(range(N), key=lambda i: a["block"][i])[:2]
+    result = runner.invoke(
+        app,
+        ["drop", src, "-o", str(tmp_path / "out"), "--blocks", "2", "--stream", *calib],
+    )
+    assert result.exit_code == 0, result.output
+    assert "copied tensor by tensor" in result.stderr
+    assert json.loads((tmp_path / "out/llmdrop.json").read_text())["plan"][
+        "blocks"
+    ] == sorted(worst)
+
+
+def test_cli_stream_refusals(tmp_path, calib_file):
+    runner = CliRunner()
+    src = str(source_dir("llama"))
+    result = runner.invoke(app, ["score", src, "--stream"])
+    assert result.exit_code == 1 and result.stderr.strip().startswith(
+        "error: --stream cannot sample 'self'"
+    )
+    result = runner.invoke(
+        app,
+        [
+            "drop",
+            src,
+            "-o",
+            str(tmp_path / "o"),
+            "--blocks",
+            "1",
+            "--iterative",
+            "--stream",
+            "--calib",
+            "x.txt",
+        ],
+    )
+    assert (
+        result.exit_code == 1
+        and "--stream scores with the cosine selector only" in result.stderr
+    )
+    assert not (tmp_path / "o").exists()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(LlmdropError, match="GGUF file cannot be streamed"):
+        load_skeleton(LoadSpec(str(gguf)))
