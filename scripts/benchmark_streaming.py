@@ -1,0 +1,151 @@
+"""Streamed vs in-memory scoring and export on a random-weight Llama-3.2-1B-shaped checkpoint (bfloat16, 2.5 GB).
+
+Every measurement runs in a child process under ``/usr/bin/time -v`` (wall time, peak RSS). Run it under the shared
+lock; it deletes its files at the end (``--keep`` keeps them):
+
+    flock /tmp/llmdrop-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python scripts/benchmark_streaming.py --out docs/streaming-bench.json
+"""
+
+import argparse
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PY = sys.executable
+
+
+def measure(name: str, args: list[str]) -> dict:
+    proc = subprocess.run(
+        ["/usr/bin/time", "-v", *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rss_kb = int(
+        re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)
+    )
+    wall = re.search(
+        r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr
+    ).group(1)
+    seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
+    result = {
+        "name": name,
+        "wall_s": round(seconds, 2),
+        "peak_rss_mib": round(rss_kb / 1024, 1),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def build(folder: Path) -> None:
+    """The random checkpoint (llmdrop.bench's llama-1b shape, saved in bfloat16) and a word-level tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llmdrop.bench import build_random
+
+    model = build_random("llama-1b", "base", dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(5000)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", help="write the results JSON here")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--keep", action="store_true")
+    opts = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="llmdrop-streambench-"))
+    try:
+        src = work / "llama-1b-bf16"
+        build(src)
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        calib = work / "calib.txt"
+        rng = random.Random(0)
+        calib.write_text(
+            " ".join(
+                f"w{rng.randrange(5000)}"
+                for _ in range(opts.samples * opts.seq_len * 2)
+            )
+        )
+        cal = [
+            "--calib",
+            str(calib),
+            "--samples",
+            str(opts.samples),
+            "--seq-len",
+            str(opts.seq_len),
+        ]
+        score = [
+            PY,
+            "-m",
+            "llmdrop",
+            "score",
+            str(src),
+            *cal,
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+        results = [
+            measure("score, in memory", [*score, "-o", str(work / "mem.json")]),
+            measure(
+                "score, streamed", [*score, "--stream", "-o", str(work / "stream.json")]
+            ),
+        ]
+        a, b = (
+            json.loads((work / f).read_text())["importance"]
+            for f in ("mem.json", "stream.json")
+        )
+        diff = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
+        memory_export = (
+            "from llmdrop.export import export; from llmdrop.models import load_model; from llmdrop.plan import "
+            f"DropPlan; export(load_model({str(src)!r}, device='cpu'), DropPlan(16, blocks=[3, 7]), {str(work / 'm')!r})"
+        )
+        results += [
+            measure("cp -r", ["cp", "-r", str(src), str(work / "copy")]),
+            measure(
+                "drop --block-layers 3,7 (streamed export)",
+                [
+                    PY,
+                    "-m",
+                    "llmdrop",
+                    "drop",
+                    str(src),
+                    "-o",
+                    str(work / "s"),
+                    "--block-layers",
+                    "3,7",
+                ],
+            ),
+            measure("export in memory (same plan)", [PY, "-c", memory_export]),
+        ]
+        report = {
+            "checkpoint": "random llama-1b shape (Llama-3.2-1B: 16 layers, hidden 2048), bfloat16",
+            "checkpoint_bytes": size,
+            "calibration": f"{opts.samples} x {opts.seq_len} tokens, batch size 4, CPU",
+            "max_abs_score_difference": diff,
+            "results": results,
+        }
+        print(json.dumps(report, indent=2))
+        if opts.out:
+            Path(opts.out).write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
