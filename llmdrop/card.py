@@ -144,7 +144,7 @@ def healing_section(entries: list[dict], plot: str | None = None) -> list[str]:
         )
         data = e.get("data") or {}
         lines.append(
-            f"| {e['method']} | {e['trainable_parameters']:,} | `{data.get('source')}` | {e['steps']} | "
+            f"| {e['method']} | {e['trainable_parameters']:,} | {_text_name(str(data.get('source')))} | {e['steps']} | "
             f"{e['tokens_seen']:,} | {e['lr']:g} | {e['loss_start']:.4f} -> {e['loss_end']:.4f} | {ppl} |"
         )
     lines.append("")
