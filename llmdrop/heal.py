@@ -417,7 +417,8 @@ def heal(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Distil ``teacher`` (default: the source model in ``student``'s llmdrop.json) into the export ``student`` and
+    """Distil ``teacher`` (default: the source model in ``student``'s llmdrop.json; a name, a LoadSpec or a loaded
+    model, which is used as it is and left unchanged) into the export ``student`` and
     write the healed checkpoint to ``out`` in the student's format. ``steps`` None: one pass over the training
     blocks; ``lr`` None: the method's default (``DEFAULT_LR``). Returns the ``healing`` entry of llmdrop.json plus
     ``out``."""
@@ -447,8 +448,8 @@ def heal(
             raise LlmdropError(f"--train last:{method.last} asks for more layers than the student has ({n_student})")
     if method.kind == "lora":
         require_peft()
-    t_spec = teacher_spec(record, teacher, spec)
-    n_teacher = source_num_layers(t_spec.model, t_spec.gguf_file)
+    t_spec = None if isinstance(teacher, LoadedModel) else teacher_spec(record, teacher, spec)
+    n_teacher = source_num_layers(t_spec.model, t_spec.gguf_file) if t_spec else None
     if n_teacher is not None and n_teacher != record["source"]["num_layers"]:
         raise LlmdropError(
             f"the student {spec.model} is not a drop of the teacher {t_spec.model}: it was cut from "
@@ -460,7 +461,7 @@ def heal(
     dtype = spec.dtype if spec.dtype != "auto" else "float32"
     save_dtype = stored_dtype(folder)
     s_loaded = replace(spec, dtype=dtype).load()
-    t_loaded = replace(t_spec, dtype=dtype).load()
+    t_loaded = teacher if t_spec is None else replace(t_spec, dtype=dtype).load()  # a loaded teacher is used as is
     check_pair(s_loaded, t_loaded, record)
     tokens = calib.tokens(t_loaded.tokenizer, t_loaded.model)  # `self`: sampled from the teacher
     train_tokens, heldout = split_heldout(tokens, eval_split, calib.seed)
