@@ -66,11 +66,13 @@ def score(
     plot: str | None = None,
     progress: bool = True,
     stream: bool = False,
+    device_map: str | None = None,
 ) -> Scores:
     """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant).
 
     ``stream``: one decoder layer at a time from the safetensors files (``llmdrop.streaming``), for models larger
     than memory. Under torchrun every rank scores its share of the batches; rank 0 alone writes ``out`` / ``plot``.
+    ``device_map`` (e.g. ``"auto"``): one model in memory spread over several GPUs by accelerate.
     """
     from .distributed import device_for_rank, is_main, setup
 
@@ -79,8 +81,9 @@ def score(
     for path in (out, plot):
         if path:
             check_writable_parent(Path(path))
+    model = _with_device_map(model, device_map, stream)
     setup()  # joins torchrun's process group, if launched by it
-    if not isinstance(model, LoadedModel):  # under torchrun: this rank's own GPU
+    if not isinstance(model, LoadedModel) and not device_map:  # under torchrun: this rank's own GPU
         model = replace(as_spec(model), device=device_for_rank(as_spec(model).device))
     if stream:
         from .streaming import check_streamable, load_skeleton, stream_importance
@@ -181,6 +184,19 @@ def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None
         select({kind: [0.0] * n for kind in ("attn", "mlp", "block")}, **counts)
 
 
+def _with_device_map(model: ModelArg, device_map: str | None, stream: bool) -> ModelArg:
+    """``model`` to be loaded with accelerate's ``device_map`` (None: as it is)."""
+    if not device_map:
+        return model
+    if stream:
+        raise LlmdropError(
+            "--device-map spreads a whole model over devices; --stream holds one layer at a time: pick one"
+        )
+    if isinstance(model, LoadedModel):
+        raise LlmdropError("--device-map applies when llmdrop loads the model; this one is loaded already")
+    return replace(as_spec(model), device_map=device_map)
+
+
 def _load_for_drop(model: ModelArg, *, stream: bool, calib, whole: bool) -> LoadedModel:
     """What ``drop`` works on: a skeleton on the meta device (no weight read; scoring, if any, streams and the export
     copies tensors from the source files) with ``stream``, or when only the plan and the files are needed (explicit
@@ -234,6 +250,7 @@ def drop(
     progress: bool = True,
     stream: bool = False,
     max_shard_size: str | int | None = None,
+    device_map: str | None = None,
 ) -> tuple[Path, DropPlan]:
     """Choose what to drop (by score or explicitly) and export the result to ``out``.
 
@@ -243,6 +260,7 @@ def drop(
     ``stream`` scores one layer at a time from the safetensors files and never loads the whole model. A safetensors
     source whose weights the drop leaves unchanged is exported tensor by tensor from its files
     (``llmdrop.stream_export``; ``max_shard_size``: the output's shard size, default transformers').
+    ``device_map`` (e.g. ``"auto"``) spreads the model in memory over several GPUs (accelerate).
     ``selector`` (cosine | loss | angular-contiguous | reverse, see ``llmdrop.select``) chooses the counted parts;
     ``loss`` pre-filters to the ``candidates`` lowest by cosine and evaluates on the first ``loss_samples``
     calibration blocks. ``compensate="linear"`` folds a least-squares map for every dropped run of blocks into the
@@ -250,6 +268,7 @@ def drop(
     """
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
+    model = _with_device_map(model, device_map, stream)
     # Everything that needs no model is checked first: loading and scoring take minutes.
     check_output_dir(out, overwrite, inputs=[source_of(model)[0], scores if isinstance(scores, (str, Path)) else None])
     check_writable_parent(Path(out))

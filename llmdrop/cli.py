@@ -58,6 +58,14 @@ Stream = Annotated[
         "needs --calib text, not self).",
     ),
 ]
+DeviceMap = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device-map",
+        help="Spread one model in memory over several GPUs: auto (accelerate's big-model loading); replaces --device.",
+        show_default=False,
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 # `llmdrop --debug VERB ...` (or LLMDROP_DEBUG=1): the traceback instead of one error line.
@@ -169,6 +177,7 @@ def score_cmd(
     metric: Metric = "cosine",
     batch_size: BatchSize = 1,
     stream: Stream = False,
+    device_map: DeviceMap = None,
     json_out: Json = False,
     calib=None,
 ):
@@ -185,7 +194,16 @@ def score_cmd(
     from .distributed import is_main
     from .report import console, scores_table
 
-    scores = api.score(model, calib=calib, metric=metric, batch_size=batch_size, out=out, plot=plot, stream=stream)
+    scores = api.score(
+        model,
+        calib=calib,
+        metric=metric,
+        batch_size=batch_size,
+        out=out,
+        plot=plot,
+        stream=stream,
+        device_map=device_map,
+    )
     if not is_main():
         return
     if json_out:
@@ -280,6 +298,7 @@ def drop_cmd(
             show_default=False,
         ),
     ] = None,
+    device_map: DeviceMap = None,
     json_out: Json = False,
     calib=None,
 ):
@@ -316,6 +335,7 @@ def drop_cmd(
         overwrite=overwrite,
         stream=stream,
         max_shard_size=max_shard_size,
+        device_map=device_map,
     )
     record = json.loads((path / "llmdrop.json").read_text())
     exported = record["exported"]

@@ -141,8 +141,10 @@ def load_model(
     gguf_file: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer. llmdrop's own exports get ``trust_remote_code`` automatically."""
+    """Load model and tokenizer. llmdrop's own exports get ``trust_remote_code`` automatically. ``device_map``
+    (e.g. ``"auto"``: accelerate's big-model loading over all GPUs, then the CPU) replaces ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = resolve_source(source, gguf_file)
@@ -154,7 +156,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=resolve_dtype(dtype),
-            device_map=str(torch_device),
+            device_map=device_map or str(torch_device),
             trust_remote_code=trust,
             attn_implementation=attn_implementation,
             **kwargs,
@@ -183,6 +185,7 @@ class LoadSpec:
     gguf_file: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    device_map: str | None = None  # e.g. "auto": one model over several GPUs (replaces device)
 
     def load(self) -> LoadedModel:
         return load_model(
@@ -192,6 +195,7 @@ class LoadSpec:
             gguf_file=self.gguf_file,
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self.attn_implementation,
+            device_map=self.device_map,
         )
 
 

@@ -232,3 +232,19 @@ def test_smollm2_streamed_scores_equal_in_memory(tmp_path):
     for kind in ("attn", "mlp", "block"):
         assert len(streamed[kind]) == 30
         assert streamed[kind] == pytest.approx(memory[kind], abs=1e-5)
+
+
+def test_device_map_auto_scores_as_one_device(calib_file):
+    """--device-map auto (accelerate's dispatch; all on the CPU here, over GPUs where there are some) scores as
+    --device cpu does; with --stream it is refused."""
+    from llmdrop.api import score
+    from llmdrop.data import CalibSpec
+
+    src = str(source_dir("qwen3"))
+    calib = CalibSpec(str(calib_file), samples=4, seq_len=16)
+    plain = score(LoadSpec(src, device="cpu"), calib=calib, progress=False)
+    mapped = score(src, calib=calib, device_map="auto", progress=False)
+    for kind in ("attn", "mlp", "block"):
+        assert mapped.importance[kind] == pytest.approx(plain.importance[kind], abs=1e-6)
+    with pytest.raises(LlmdropError, match="--device-map spreads a whole model"):
+        score(src, calib=calib, device_map="auto", stream=True)
