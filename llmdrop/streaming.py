@@ -109,10 +109,15 @@ def load_skeleton(spec: LoadSpec, *, device: str = "meta") -> LoadedModel:
 
     folder = weights_folder(spec)
     path, _ = resolve_source(spec.model, spec.gguf_file)
+    trust = spec.trust_remote_code or is_llmdrop_export(path)  # an llmdrop export scored again
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(spec.dtype), device_map="meta", attn_implementation=spec.attn_implementation
+            path,
+            dtype=resolve_dtype(spec.dtype),
+            device_map="meta",
+            attn_implementation=spec.attn_implementation,
+            trust_remote_code=trust,
         )
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

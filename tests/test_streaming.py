@@ -248,3 +248,20 @@ def test_device_map_auto_scores_as_one_device(calib_file):
         assert mapped.importance[kind] == pytest.approx(plain.importance[kind], abs=1e-6)
     with pytest.raises(LlmdropError, match="--device-map spreads a whole model"):
         score(src, calib=calib, device_map="auto", stream=True)
+
+
+def test_streamed_scores_of_an_llmdrop_export(tmp_path):
+    """An export with remote code (dropped sublayers: stand-ins without weights) streams too; its dropped attention
+    scores 0, as in memory."""
+    export(
+        load_model(str(source_dir("gemma2")), device="cpu"),
+        DropPlan(N, attn=[2], mlp=[4]),
+        tmp_path / "x",
+        fmt="llmdrop",
+    )
+    loaded = load_model(str(tmp_path / "x"), device="cpu")
+    memory = compute_importance(loaded.model, loaded.adapter, IDS, batch_size=2, progress=False)
+    streamed = stream_importance(LoadSpec(str(tmp_path / "x"), device="cpu"), IDS, batch_size=2, progress=False)
+    assert streamed["attn"][2] == 0.0 and streamed["mlp"][4] == 0.0
+    for kind in ("attn", "mlp", "block"):
+        assert streamed[kind] == pytest.approx(memory[kind], abs=1e-5)
