@@ -62,8 +62,8 @@ def build(folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", help="write the results JSON here")
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--keep", action="store_true")
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmdrop-streambench-"))
