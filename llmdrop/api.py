@@ -426,14 +426,26 @@ def evaluate(
     batch_size: int = 1,
     save: bool = False,
     progress: bool = True,
+    tasks: str | list[str] | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: str | None = None,
 ) -> dict:
     """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop).
 
+    ``tasks`` (names, or one comma-separated string) runs lm-evaluation-harness tasks instead (``llmdrop.harness``:
+    lm-eval 0.4.x, ``pip install 'llmdrop[eval]'``), with ``num_fewshot``, ``limit`` (documents per task, or a
+    fraction below 1) and ``include_path`` (a folder of the user's own task YAMLs); the result is
+    ``{"model", "tasks": [{"task", "metrics", "samples", "num_fewshot", ...}]}``. ``llmdrop_mc`` and
+    ``llmdrop_capitals`` ship with llmdrop and run offline.
+
     ``save`` also records the result in MODEL/eval_results.json, which `llmdrop push` puts in the model card.
     """
-    from .evaluation import perplexity
-
     check_sizes(samples=samples, seq_len=seq_len, batch_size=batch_size)
+    if tasks is None and (num_fewshot, limit, include_path) != (None, None, None):
+        raise LlmdropError("--num-fewshot, --limit and --include-path go with --tasks (lm-evaluation-harness tasks)")
+    if tasks is not None and (text, samples) != (None, None):
+        raise LlmdropError("--text and --samples are for perplexity; tasks bring their own data (--limit cuts them)")
     folder = source_of(model)[0]
     folder = Path(folder).expanduser() if folder else None
     if save and not (folder and folder.is_dir()):
@@ -443,22 +455,41 @@ def evaluate(
         )
     if save:
         check_writable_parent(folder / "eval_results.json")
+    if tasks is not None:
+        from . import harness
+
+        names, limit = harness.parse_tasks(tasks), harness.check_limit(limit)
+        if num_fewshot is not None and num_fewshot < 0:
+            raise LlmdropError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+        manager = harness.task_manager(names, include_path)  # unknown tasks fail before the model loads
+        loaded = as_loaded(model)
+        results = harness.evaluate_tasks(
+            loaded, names, manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size
+        )
+        result = {"model": loaded.source, "tasks": results}
+    else:
+        result = _perplexity(model, text, seq_len, samples, seed, batch_size, progress)
+    if save:
+        from .card import save_eval_result
+
+        return {**result, "saved_to": str(save_eval_result(folder, result))}
+    return result
+
+
+def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> dict:
+    from .evaluation import perplexity
+
     text_path = text or DEFAULT_EVAL_TEXT
     texts = load_texts(text_path)  # a bad text file fails before the model loads
     loaded = as_loaded(model)
     tokens = tokens_from_texts(
         texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, purpose="evaluation"
     )
-    result = {
+    return {
         "model": loaded.source,
         "text": str(text_path),
         **perplexity(loaded.model, tokens, batch_size=batch_size, progress=progress),
     }
-    if save:
-        from .card import save_eval_result
-
-        return {**result, "saved_to": str(save_eval_result(folder, result))}
-    return result
 
 
 # The verbs of the other stages and of the analysis commands, so that every CLI verb is found here (imported last:

@@ -1,8 +1,9 @@
 """The README.md model card of an export (Hub metadata, the drop plan, results found beside it, how to load it).
 
 ``export`` writes the first card; ``llmdrop push`` regenerates it from ``llmdrop.json`` plus what has been added
-to the folder since: the importance plot (``scores.png``), perplexity results (``eval_results.json``, written by
-``llmdrop eval DIR --save``) and speed results (``bench_results.json``, written by ``llmdrop bench --json``).
+to the folder since: the importance plot (``scores.png``), perplexity and task results (``eval_results.json``,
+written by ``llmdrop eval DIR --save`` and ``llmdrop eval DIR --tasks ... --save``) and speed results
+(``bench_results.json``, written by ``llmdrop bench --json``).
 Text a user adds below the card's end marker is kept on every refresh; a README.md not written by llmdrop is
 never replaced.
 """
@@ -75,20 +76,52 @@ def _text_name(text: str) -> str:
 
 
 def eval_section(results: list[dict]) -> list[str]:
-    lines = [
-        "## Perplexity",
-        "",
-        "Measured with `llmdrop eval` (non-overlapping blocks, lower is better).",
-        "",
-        "| text | blocks x tokens | tokens scored | perplexity |",
-        "|---|--:|--:|--:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {_text_name(r['text'])} | {r.get('samples', '-')} x {r['seq_len']} | "
-            f"{r.get('tokens', 0):,} | {r['perplexity']:.3f} |"
-        )
-    return lines + [""]
+    """Perplexity results, then lm-evaluation-harness task results (``llmdrop eval --tasks``), each if any."""
+    perplexity = [r for r in results if "perplexity" in r]
+    tasks = [r for r in results if "task" in r]
+    lines = []
+    if perplexity:
+        lines += [
+            "## Perplexity",
+            "",
+            "Measured with `llmdrop eval` (non-overlapping blocks, lower is better).",
+            "",
+            "| text | blocks x tokens | tokens scored | perplexity |",
+            "|---|--:|--:|--:|",
+        ]
+        for r in perplexity:
+            lines.append(
+                f"| {_text_name(r['text'])} | {r.get('samples', '-')} x {r['seq_len']} | "
+                f"{r.get('tokens', 0):,} | {r['perplexity']:.3f} |"
+            )
+        lines.append("")
+    if tasks:
+        harness = ", ".join(sorted({r.get("harness") or "lm-eval" for r in tasks}))
+        lines += [
+            "## Downstream tasks",
+            "",
+            f"Measured with `llmdrop eval --tasks` (EleutherAI's lm-evaluation-harness, {harness}).",
+            "",
+            "| task | shots | samples | metric | value | stderr |",
+            "|---|--:|--:|---|--:|--:|",
+        ]
+        for r in tasks:
+            metrics = r["metrics"]
+            for name, value in metrics.items():
+                if name.endswith("_stderr") or "_stderr," in name or not isinstance(value, (int, float)):
+                    continue
+                metric, _, filt = name.partition(",")
+                stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+                lines.append(
+                    f"| {r['task']} | {_or_dash(r.get('num_fewshot'))} | {_or_dash(r.get('samples'))} | {name} | "
+                    f"{value:.4f} | {f'{stderr:.4f}' if isinstance(stderr, (int, float)) else '-'} |"
+                )
+        lines.append("")
+    return lines
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def bench_section(report: dict, plot: str | None = None) -> list[str]:
@@ -322,11 +355,18 @@ def load_eval_results(folder) -> list[dict]:
     path = Path(folder) / EVAL_RESULTS_FILE
     if not path.is_file():
         return []
-    results = _read_json(path, "perplexity results")
+    results = _read_json(path, "evaluation results")
     if not isinstance(results, list) or not all(
-        isinstance(r, dict) and {"text", "seq_len", "perplexity"} <= r.keys() for r in results
+        isinstance(r, dict)
+        and (
+            {"text", "seq_len", "perplexity"} <= r.keys()
+            or ({"task", "metrics"} <= r.keys() and isinstance(r["metrics"], dict))
+        )
+        for r in results
     ):
-        raise LlmdropError(f"{path} is not a list of `llmdrop eval` results (text, seq_len, perplexity)")
+        raise LlmdropError(
+            f"{path} is not a list of `llmdrop eval` results (text, seq_len, perplexity; or task, metrics)"
+        )
     return results
 
 
@@ -337,19 +377,31 @@ def _same_text(a: str, b: str) -> bool:
         return a == b
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    """Two results of the same measurement: perplexity on the same text and seq_len, or the same task with the same
+    shots and --limit."""
+    if "task" in a or "task" in b:
+        keys = ("task", "num_fewshot", "limit")
+        return all(a.get(k) == b.get(k) for k in keys)
+    return _same_text(a["text"], b["text"]) and a["seq_len"] == b["seq_len"]
+
+
 def save_eval_result(folder, result: dict) -> Path:
-    """Add ``result`` (from ``llmdrop.evaluate``) to FOLDER/eval_results.json, replacing an earlier result on the
-    same text and seq_len. Written atomically."""
+    """Add ``result`` (from ``llmdrop.evaluate``: perplexity, or ``{"model", "tasks": [...]}`` from lm-eval tasks:
+    one entry per task) to FOLDER/eval_results.json, replacing an earlier result of the same measurement. Written
+    atomically."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LlmdropError(f"{folder} is not a directory: eval results can only be saved into a local checkpoint")
     results = load_eval_results(folder)
-    for i, r in enumerate(results):
-        if _same_text(r["text"], result["text"]) and r["seq_len"] == result["seq_len"]:
-            results[i] = result
-            break
-    else:
-        results.append(result)
+    new = [{"model": result.get("model"), **t} for t in result["tasks"]] if "tasks" in result else [result]
+    for entry in new:
+        for i, r in enumerate(results):
+            if _same_run(r, entry):
+                results[i] = entry
+                break
+        else:
+            results.append(entry)
     path = folder / EVAL_RESULTS_FILE
     write_json(results, path)
     return path

@@ -387,23 +387,69 @@ def eval_cmd(
             "puts it in the model card.",
         ),
     ] = False,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Run lm-evaluation-harness tasks instead of perplexity: NAME[,NAME...] (lm-eval's own, e.g. boolq, or "
+            "the bundled offline llmdrop_mc, llmdrop_capitals). Needs `pip install 'llmdrop[eval]'`.",
+            show_default=False,
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        Optional[int],
+        typer.Option(
+            "--num-fewshot", help="With --tasks: few-shot examples [default: each task's own].", show_default=False
+        ),
+    ] = None,
+    limit: Annotated[
+        Optional[float],
+        typer.Option(
+            help="With --tasks: documents per task (or a fraction below 1) [default: all].", show_default=False
+        ),
+    ] = None,
+    include_path: Annotated[
+        Optional[str],
+        typer.Option(
+            "--include-path", help="With --tasks: a folder of your own lm-eval task YAMLs.", show_default=False
+        ),
+    ] = None,
     json_out: Json = False,
 ):
-    """Perplexity on text (non-overlapping blocks). llmdrop exports load their remote code on their own.
+    """Perplexity on text (non-overlapping blocks), or lm-evaluation-harness tasks with --tasks. llmdrop exports load
+    their remote code on their own.
 
     Example: `llmdrop eval smollm2-drop8attn --text wiki.txt --json`
 
-    Example: `llmdrop eval ./smollm2-drop8attn --save` (then `llmdrop push` shows it in the model card)
+    Example: `llmdrop eval ./smollm2-drop8attn --tasks llmdrop_mc,llmdrop_capitals --save` (then `llmdrop push` shows
+    perplexity and task results in the model card)
     """
     from . import api
     from .report import console
 
     result = api.evaluate(
-        model, text=text, seq_len=seq_len, samples=samples, seed=seed, batch_size=batch_size, save=save
+        model,
+        text=text,
+        seq_len=seq_len,
+        samples=samples,
+        seed=seed,
+        batch_size=batch_size,
+        save=save,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        include_path=include_path,
     )
     saved = result.pop("saved_to", None)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
+    elif tasks is not None:
+        for r in result["tasks"]:
+            shown = ", ".join(
+                f"{k} {v:.4f}" for k, v in r["metrics"].items() if "_stderr" not in k and isinstance(v, (int, float))
+            )
+            console.print(f"{r['task']}: {shown} ({r['samples']} samples, {r['num_fewshot']}-shot)", soft_wrap=True)
+        if saved:
+            console.print(f"wrote {saved}", soft_wrap=True)
     else:
         console.print(
             f"perplexity {result['perplexity']:.3f} on {result['tokens']:,} tokens "
