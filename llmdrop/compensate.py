@@ -124,7 +124,9 @@ class _LeastSquares:
 
 
 @torch.no_grad()
-def _statistics(model, adapter, tokens, prev: int, last: int, *, batch_size: int, progress: bool) -> _LeastSquares:
+def _statistics(
+    model, adapter, tokens, prev: int, last: int, *, batch_size: int, progress: bool, skip: int = 0
+) -> _LeastSquares:
     from tqdm.auto import tqdm
 
     layers = adapter.layer_list(model)
@@ -141,7 +143,7 @@ def _statistics(model, adapter, tokens, prev: int, last: int, *, batch_size: int
 
     def on_run_output(module, args, out):
         h = out[0] if isinstance(out, tuple) else out
-        stats.add(seen["m"], h - seen["mid"])
+        stats.add(seen["m"][:, skip:], (h - seen["mid"])[:, skip:])
         raise _Stop
 
     handles = [
@@ -151,18 +153,9 @@ def _statistics(model, adapter, tokens, prev: int, last: int, *, batch_size: int
     ]
     device = next(model.parameters()).device
     try:
-        for start in tqdm(
-            range(0, len(tokens), batch_size),
-            desc="compensate",
-            unit="batch",
-            disable=not progress,
-        ):
+        for start in tqdm(range(0, len(tokens), batch_size), desc="compensate", unit="batch", disable=not progress):
             try:
-                model(
-                    input_ids=tokens[start : start + batch_size].to(device),
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
+                model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
             except _Stop:
                 pass
     finally:
@@ -172,15 +165,11 @@ def _statistics(model, adapter, tokens, prev: int, last: int, *, batch_size: int
 
 
 def compensate_linear(
-    loaded,
-    plan: DropPlan,
-    tokens: torch.Tensor,
-    *,
-    batch_size: int = 1,
-    progress: bool = True,
+    loaded, plan: DropPlan, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True, skip_first: int = 0
 ) -> dict:
     """Fold a least-squares map for every dropped run of blocks of ``plan`` into ``loaded.model`` (in place; the
-    plan itself is applied later by the export). Returns the record for llmdrop.json."""
+    plan itself is applied later by the export). ``skip_first``: leave the first positions of every calibration
+    block out of the statistics. Returns the record for llmdrop.json."""
     from .select import removed
 
     model, adapter = loaded.model, loaded.adapter
@@ -205,13 +194,7 @@ def compensate_linear(
         mlp = sorted(set(plan.mlp) | set(done))
         with removed(model, adapter, attn=attn, mlp=mlp):
             stats = _statistics(
-                model,
-                adapter,
-                tokens,
-                prev,
-                last,
-                batch_size=batch_size,
-                progress=progress,
+                model, adapter, tokens, prev, last, batch_size=batch_size, progress=progress, skip=skip_first
             )
         transform, residual = stats.solve()
         fold(layers_mlp(model, adapter, prev), transform)

@@ -70,16 +70,10 @@ def removed(model, adapter, attn=(), mlp=()):
     layers = adapter.layer_list(model)
     saved = []
     try:
-        for kind, which, stand_in in (
-            ("attn", attn, DroppedAttention),
-            ("mlp", mlp, DroppedMLP),
-        ):
+        for kind, which, stand_in in (("attn", attn, DroppedAttention), ("mlp", mlp, DroppedMLP)):
             module, *norms = getattr(adapter, kind)
             for i in which:
-                for name, new in (
-                    (module, stand_in()),
-                    *((norm, nn.Identity()) for norm in norms),
-                ):
+                for name, new in ((module, stand_in()), *((norm, nn.Identity()) for norm in norms)):
                     saved.append((layers[i], name, getattr(layers[i], name)))
                     setattr(layers[i], name, new)
         yield model
@@ -249,17 +243,8 @@ def last_token_distances(model, adapter, tokens: torch.Tensor, *, batch_size: in
     sums = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     device = next(model.parameters()).device
     try:
-        for start in tqdm(
-            range(0, len(tokens), batch_size),
-            desc="angular",
-            unit="batch",
-            disable=not progress,
-        ):
-            model(
-                input_ids=tokens[start : start + batch_size].to(device),
-                use_cache=False,
-                logits_to_keep=1,
-            )
+        for start in tqdm(range(0, len(tokens), batch_size), desc="angular", unit="batch", disable=not progress):
+            model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
             h = torch.nn.functional.normalize(torch.stack(states), dim=-1)  # [L+1, B, H]
             cos = torch.einsum("abh,cbh->acb", h, h).clamp(-1.0, 1.0)
             sums += (torch.arccos(cos) / math.pi).sum(-1).double().cpu()
@@ -270,13 +255,7 @@ def last_token_distances(model, adapter, tokens: torch.Tensor, *, batch_size: in
 
 
 def angular_contiguous(
-    model,
-    adapter,
-    tokens: torch.Tensor,
-    blocks: int,
-    *,
-    batch_size: int = 1,
-    progress: bool = True,
+    model, adapter, tokens: torch.Tensor, blocks: int, *, batch_size: int = 1, progress: bool = True
 ) -> tuple[DropPlan, dict]:
     num_layers = len(adapter.layer_list(model))
     if not 0 < blocks < num_layers:
@@ -306,12 +285,7 @@ def reverse(num_layers: int, *, attn: int = 0, mlp: int = 0, blocks: int = 0, jo
     below, from the top; joint takes sublayers in reverse order of execution (MLP L-2, attention L-2, MLP L-3...).
     The final layer is never chosen."""
     dropped: set = set()
-    for kind, count in (
-        ("block", blocks),
-        ("attn", attn),
-        ("mlp", mlp),
-        ("joint", joint),
-    ):
+    for kind, count in (("block", blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)):
         order = [p for p in _eligible(kind, num_layers - 1, dropped)]
         order.sort(key=lambda p: (-p[1], p[0] == "attn"))  # highest layer first; in a layer, MLP before attention
         if count > len(order):
@@ -321,11 +295,7 @@ def reverse(num_layers: int, *, attn: int = 0, mlp: int = 0, blocks: int = 0, jo
         dropped |= set(order[:count])
     plan = _plan(num_layers, dropped, "reverse")
     chosen = [_name(*p) for p in sorted(dropped, key=lambda p: (-p[1], p[0]))]
-    return plan, {
-        "selector": "reverse",
-        "rule": "the last parts before the final layer (kept)",
-        "order": chosen,
-    }
+    return plan, {"selector": "reverse", "rule": "the last parts before the final layer (kept)", "order": chosen}
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -352,20 +322,12 @@ def choose(
     if selector == "cosine":
         start = time.perf_counter()
         plan = select_by_scores(importance, **counts)
-        return plan, {
-            "selector": "cosine",
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        return plan, {"selector": "cosine", "seconds": round(time.perf_counter() - start, 3)}
     if selector == "reverse":
         return reverse(n, **counts)
     if selector == "angular-contiguous":
         return angular_contiguous(
-            loaded.model,
-            loaded.adapter,
-            tokens,
-            blocks,
-            batch_size=batch_size,
-            progress=progress,
+            loaded.model, loaded.adapter, tokens, blocks, batch_size=batch_size, progress=progress
         )
     if selector == "loss":
         return loss_search(

@@ -38,6 +38,7 @@ def main():
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-samples", type=int, default=12)
     p.add_argument("--loss-samples", type=int, default=4)
+    p.add_argument("--candidates", type=int, help="--select loss pre-filter [default: twice the count]")
     p.add_argument("--budgets", default=",".join(BUDGETS))
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -76,6 +77,7 @@ def main():
                 importance=importance,
                 **counts,
                 loss_samples=args.loss_samples,
+                candidates=args.candidates,
                 progress=False,
             )
             seconds = time.perf_counter() - start + (score_seconds if selector in ("cosine", "loss") else 0.0)
@@ -109,6 +111,8 @@ def main():
         "calibration_seconds": round(calib_seconds, 1),
         "score_seconds": round(score_seconds, 1),
         "loss_samples": args.loss_samples,
+        "candidates": args.candidates,
+        "importance": importance,
         "held_out": {path: {"tokens": ids.numel(), "seq_len": args.eval_seq_len} for path, ids in held_out.items()},
         "threads": torch.get_num_threads(),
         "rows": rows,

@@ -72,12 +72,7 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
     logits = {}
     for method in (None, "linear"):
         out, plan = llmdrop.drop(
-            str(src),
-            str(tmp_path / f"out-{method}"),
-            block_layers="2",
-            compensate=method,
-            calib=calib,
-            progress=False,
+            str(src), str(tmp_path / f"out-{method}"), block_layers="2", compensate=method, calib=calib, progress=False
         )
         assert plan.blocks == [2]
         config = json.loads((out / "config.json").read_text())
@@ -101,12 +96,7 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
 def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, tmp_path):
     src = save(tiny_model("llama", 8), tmp_path / "src")
     out, _ = llmdrop.drop(
-        str(src),
-        str(tmp_path / "out"),
-        block_layers="0,3,4,6",
-        compensate="linear",
-        calib=calib,
-        progress=False,
+        str(src), str(tmp_path / "out"), block_layers="0,3,4,6", compensate="linear", calib=calib, progress=False
     )
     record = json.loads((out / "llmdrop.json").read_text())["compensation"]
     first, second, third = record["runs"]
@@ -116,10 +106,7 @@ def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, t
     }
     assert second["layers"] == [3, 4] and second["folded_into"] == "layer 2 MLP output projection"
     assert third["layers"] == [6, 6] and third["folded_into"] == "layer 5 MLP output projection"
-    for run in (
-        second,
-        third,
-    ):  # least squares on the calibration tokens beats the plain drop (T = identity)
+    for run in (second, third):  # least squares on the calibration tokens beats the plain drop (T = identity)
         assert run["relative_error_compensated"] < run["relative_error_plain_drop"]
     assert record["forward_passes"] == 2 * 8
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -156,17 +143,7 @@ def test_runs():
 def test_sandwich_norms_are_refused_before_any_work(calib, tmp_path):
     src = save(tiny_model("gemma2", 4), tmp_path / "src")
     result = CliRunner().invoke(
-        app,
-        [
-            "drop",
-            str(src),
-            "-o",
-            str(tmp_path / "out"),
-            "--blocks",
-            "1",
-            "--compensate",
-            "linear",
-        ],
+        app, ["drop", str(src), "-o", str(tmp_path / "out"), "--blocks", "1", "--compensate", "linear"]
     )
     assert result.exit_code == 1
     assert "error: --compensate linear folds a map into the MLP output of the layer before a dropped run; gemma2" in (
@@ -177,17 +154,7 @@ def test_sandwich_norms_are_refused_before_any_work(calib, tmp_path):
 
 def test_a_request_without_blocks_is_refused_before_loading(tmp_path):
     result = CliRunner().invoke(
-        app,
-        [
-            "drop",
-            str(tmp_path / "no-model"),
-            "-o",
-            str(tmp_path / "out"),
-            "--attn",
-            "2",
-            "--compensate",
-            "linear",
-        ],
+        app, ["drop", str(tmp_path / "no-model"), "-o", str(tmp_path / "out"), "--attn", "2", "--compensate", "linear"]
     )
     assert result.exit_code == 1
     assert "--compensate linear replaces dropped blocks; this request drops only attention" in result.output

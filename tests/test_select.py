@@ -75,12 +75,7 @@ def test_every_selector_finds_a_planted_useless_part(selector, kind, planted_dir
         count["candidates"] = N  # every layer: a search, not the cosine pre-filter, has to find it
     calib = CalibSpec("self", samples=6, seq_len=24)
     out, plan = llmdrop.drop(
-        str(planted_dirs[kind]),
-        str(tmp_path / "out"),
-        selector=selector,
-        calib=calib,
-        progress=False,
-        **count,
+        str(planted_dirs[kind]), str(tmp_path / "out"), selector=selector, calib=calib, progress=False, **count
     )
     assert (plan.blocks if kind == "block" else plan.attn) == [PLANTED]
     record = json.loads((out / "llmdrop.json").read_text())
@@ -107,28 +102,11 @@ def test_loss_search_matches_brute_force(calib, tmp_path):
     sublayers = [(k, i) for k in ("attn", "mlp") for i in range(4)]
 
     def loss(parts):
-        return next_token_loss(
-            original,
-            ids,
-            [i for k, i in parts if k == "attn"],
-            [i for k, i in parts if k == "mlp"],
-        )
+        return next_token_loss(original, ids, [i for k, i in parts if k == "attn"], [i for k, i in parts if k == "mlp"])
 
     brute = {parts: loss(parts) for n in (1, 2) for parts in itertools.combinations(sublayers, n)}
-    importance = {
-        "attn": [0.0] * 4,
-        "mlp": [0.0] * 4,
-        "block": [0.0] * 4,
-    }  # no pre-filter: every part is a candidate
-    _, record = choose(
-        "loss",
-        loaded,
-        ids,
-        importance=importance,
-        joint=2,
-        candidates=8,
-        loss_samples=len(ids),
-    )
+    importance = {"attn": [0.0] * 4, "mlp": [0.0] * 4, "block": [0.0] * 4}  # no pre-filter: every part is a candidate
+    _, record = choose("loss", loaded, ids, importance=importance, joint=2, candidates=8, loss_samples=len(ids))
     first, second = record["steps"]
     # step 1: every single removal evaluated, and the best one taken, as the enumeration says
     for k, i in sublayers:
@@ -152,11 +130,7 @@ def test_loss_search_matches_brute_force(calib, tmp_path):
 def test_loss_search_prefilters_by_cosine(calib, tmp_path):
     loaded = load_model(str(save(tiny_model("llama", N), tmp_path / "src")), device="cpu")
     ids = calib.tokens(loaded.tokenizer)
-    importance = {
-        "attn": [0.5, 0.1, 0.4, 0.2, 0.9, 0.3],
-        "mlp": [1.0] * N,
-        "block": [1.0] * N,
-    }
+    importance = {"attn": [0.5, 0.1, 0.4, 0.2, 0.9, 0.3], "mlp": [1.0] * N, "block": [1.0] * N}
     plan, record = choose("loss", loaded, ids, importance=importance, attn=2, candidates=3)
     assert record["candidates"] == {"attn": ["attn1", "attn3", "attn5"]}
     assert set(plan.attn) <= {1, 3, 5} and len(plan.attn) == 2
@@ -210,34 +184,16 @@ def test_reverse_keeps_the_final_layer():
             ["--select", "best", "--blocks", "2"],
             "unknown --select 'best'; use cosine, loss, angular-contiguous, reverse",
         ),
-        (
-            ["--select", "angular-contiguous", "--attn", "2"],
-            "angular-contiguous cuts a run of whole blocks",
-        ),
+        (["--select", "angular-contiguous", "--attn", "2"], "angular-contiguous cuts a run of whole blocks"),
         (["--select", "loss", "--attn-layers", "1"], "--select loss needs counts"),
-        (
-            ["--select", "loss", "--attn", "2", "--iterative"],
-            "does not combine with it",
-        ),
-        (
-            ["--select", "loss", "--attn", "2", "--candidates", "0"],
-            "--candidates must be >= 1 (got 0)",
-        ),
-        (
-            ["--select", "reverse", "--attn", "2", "--scores", "s.json"],
-            "--select reverse reads no scores",
-        ),
-        (
-            ["--compensate", "quadratic", "--blocks", "2"],
-            "unknown --compensate 'quadratic'; use linear",
-        ),
+        (["--select", "loss", "--attn", "2", "--iterative"], "does not combine with it"),
+        (["--select", "loss", "--attn", "2", "--candidates", "0"], "--candidates must be >= 1 (got 0)"),
+        (["--select", "reverse", "--attn", "2", "--scores", "s.json"], "--select reverse reads no scores"),
+        (["--compensate", "quadratic", "--blocks", "2"], "unknown --compensate 'quadratic'; use linear"),
     ],
 )
 def test_bad_selection_requests_fail_before_loading(args, message, tmp_path):
-    result = CliRunner().invoke(
-        app,
-        ["drop", str(tmp_path / "missing-model"), "-o", str(tmp_path / "out"), *args],
-    )
+    result = CliRunner().invoke(app, ["drop", str(tmp_path / "missing-model"), "-o", str(tmp_path / "out"), *args])
     assert result.exit_code == 1
     assert message in result.output
     assert not (tmp_path / "out").exists()
