@@ -10,8 +10,9 @@ through it with the scoring collector's hooks on (``scoring.hook_layer``, the sa
 layer is freed. Hidden states between layers wait on the CPU in the model's dtype, one batch at a time on the
 device.
 
-Peak device memory: one layer plus one batch's activations. Peak host memory: the calibration activations
-(samples x seq_len x hidden in the model's dtype) plus one layer.
+Peak device memory: one layer (or the embedding, which is freed before the first layer is read) plus one batch's
+activations. Peak host memory: the calibration activations (samples x seq_len x hidden in the model's dtype) plus
+one layer (or the embedding).
 
 Weights stored in another layout than the one transformers runs (Mixtral's per-expert matrices, fused on load by
 transformers' conversion mapping) are converted here, per layer (``_from_disk_layout``).
@@ -252,6 +253,9 @@ def stream_importance(
             stats.tokens += batch.numel()
     finally:
         setattr(parent, attr, layers)
+        for name, child in parent.named_children():  # the embedding is as big as a layer: free it before them
+            if name != attr:
+                child.to("meta")
 
     # 2. one layer at a time
     from tqdm.auto import tqdm
