@@ -87,11 +87,11 @@ def task_manager(names: list[str], include_path=None):
 
 @contextmanager
 def offline():
-    """No Hub access for the duration of the run, unless the user set HF_HUB_OFFLINE / HF_DATASETS_OFFLINE
-    themselves (``HF_HUB_OFFLINE=0`` lets datasets download). huggingface_hub and datasets read these variables
-    when imported, so their constants are set too."""
+    """No Hub access for the duration of the run (yields True), unless the user set HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE themselves (yields False; ``HF_HUB_OFFLINE=0`` lets datasets download). huggingface_hub and
+    datasets read these variables when imported, so their constants are set too."""
     if any(v in os.environ for v in OFFLINE_VARS):
-        yield
+        yield False
         return
     import datasets.config
     import huggingface_hub.constants
@@ -100,7 +100,7 @@ def offline():
     os.environ.update(dict.fromkeys(OFFLINE_VARS, "1"))
     datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
-        yield
+        yield True
     finally:
         for v in OFFLINE_VARS:
             os.environ.pop(v, None)
@@ -136,7 +136,7 @@ def run(
     quiet.setLevel(logging.ERROR)  # e.g. "pretrained is not a str" for every run, though that is how it is meant
     try:
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-        with offline():
+        with offline() as forced:
             try:
                 return lm_eval.simple_evaluate(
                     model=lm,
@@ -150,10 +150,10 @@ def run(
                 if not _not_local(e):
                     raise
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                online = " or, with a network, run with HF_HUB_OFFLINE=0 to let datasets download it" if forced else ""
                 raise LlmdropError(
                     f"the data of {', '.join(names)} is not on this machine and the Hub cannot be reached "
-                    f"({type(e).__name__}: {first}); point the task at local files (docs/evaluation.md) or, with a "
-                    f"network, run with HF_HUB_OFFLINE=0 to let datasets download it"
+                    f"({type(e).__name__}: {first}); point the task at local files (docs/evaluation.md){online}"
                 ) from e
     finally:
         quiet.setLevel(level)
