@@ -39,6 +39,7 @@ def main():
     p.add_argument("--eval-samples", type=int, default=12)
     p.add_argument("--loss-samples", type=int, default=4)
     p.add_argument("--candidates", type=int, help="--select loss pre-filter [default: twice the count]")
+    p.add_argument("--extra-candidates", type=int, help="--select loss pre-filter: the count plus this many")
     p.add_argument("--budgets", default=",".join(BUDGETS))
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -61,8 +62,27 @@ def main():
     def ppl(model):
         return {path: round(perplexity(model, ids, progress=False)["perplexity"], 2) for path, ids in held_out.items()}
 
+    def save():  # after every row: an interrupted run keeps what it measured
+        result = {
+            "model": args.model,
+            "calibration": calib.record(tokens),
+            "calibration_seconds": round(calib_seconds, 1),
+            "score_seconds": round(score_seconds, 1),
+            "loss_samples": args.loss_samples,
+            "candidates": args.candidates,
+            "extra_candidates": args.extra_candidates,
+            "importance": importance,
+            "held_out": {path: {"tokens": ids.numel(), "seq_len": args.eval_seq_len} for path, ids in held_out.items()},
+            "threads": torch.get_num_threads(),
+            "rows": rows,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
     rows = [{"budget": "none", "selector": "base", "perplexity": ppl(loaded.model)}]
     print(rows[-1], flush=True)
+    save()
     for budget in args.budgets.split(","):
         counts = BUDGETS[budget]
         for selector in SELECTORS:
@@ -77,7 +97,7 @@ def main():
                 importance=importance,
                 **counts,
                 loss_samples=args.loss_samples,
-                candidates=args.candidates,
+                candidates=args.candidates or (args.extra_candidates and sum(counts.values()) + args.extra_candidates),
                 progress=False,
             )
             seconds = time.perf_counter() - start + (score_seconds if selector in ("cosine", "loss") else 0.0)
@@ -103,23 +123,9 @@ def main():
                 }
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "compensation"}), flush=True)
+                save()
                 del model
             del work
-    result = {
-        "model": args.model,
-        "calibration": calib.record(tokens),
-        "calibration_seconds": round(calib_seconds, 1),
-        "score_seconds": round(score_seconds, 1),
-        "loss_samples": args.loss_samples,
-        "candidates": args.candidates,
-        "importance": importance,
-        "held_out": {path: {"tokens": ids.numel(), "seq_len": args.eval_seq_len} for path, ids in held_out.items()},
-        "threads": torch.get_num_threads(),
-        "rows": rows,
-    }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
 
 
 if __name__ == "__main__":
