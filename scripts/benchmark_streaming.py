@@ -3,7 +3,8 @@
 Every measurement runs in a child process under ``/usr/bin/time -v`` (wall time, peak RSS). Run it under the shared
 lock; it deletes its files at the end (``--keep`` keeps them):
 
-    flock /tmp/llmdrop-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python scripts/benchmark_streaming.py --out docs/streaming-bench.json
+    flock /tmp/llmdrop-heavy.lock env OMP_NUM_THREADS=2 .venv/bin/python scripts/benchmark_streaming.py \
+        --out docs/streaming-bench.json
 """
 
 import argparse
@@ -20,23 +21,20 @@ PY = sys.executable
 
 
 def measure(name: str, args: list[str]) -> dict:
-    proc = subprocess.run(
-        ["/usr/bin/time", "-v", *args], capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True, check=False)
+    inner = re.search(r"WRITE_SECONDS (\S+)", proc.stdout)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    rss_kb = int(
-        re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)
-    )
-    wall = re.search(
-        r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr
-    ).group(1)
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", proc.stderr).group(1)
     seconds = sum(float(x) * 60**i for i, x in enumerate(reversed(wall.split(":"))))
     result = {
         "name": name,
         "wall_s": round(seconds, 2),
         "peak_rss_mib": round(rss_kb / 1024, 1),
     }
+    if inner:
+        result["inner_s"] = round(float(inner.group(1)), 2)  # timed inside the process, imports excluded
     print(json.dumps(result), flush=True)
     return result
 
@@ -54,9 +52,9 @@ def build(folder: Path) -> None:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(5000)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        folder
+    )
 
 
 def main() -> None:
@@ -65,6 +63,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--skip-scoring", action="store_true", help="only the export measurements")
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmdrop-streambench-"))
     try:
@@ -73,12 +72,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         calib = work / "calib.txt"
         rng = random.Random(0)
-        calib.write_text(
-            " ".join(
-                f"w{rng.randrange(5000)}"
-                for _ in range(opts.samples * opts.seq_len * 2)
-            )
-        )
+        calib.write_text(" ".join(f"w{rng.randrange(5000)}" for _ in range(opts.samples * opts.seq_len * 2)))
         cal = [
             "--calib",
             str(calib),
@@ -99,20 +93,28 @@ def main() -> None:
             "--device",
             "cpu",
         ]
-        results = [
-            measure("score, in memory", [*score, "-o", str(work / "mem.json")]),
-            measure(
-                "score, streamed", [*score, "--stream", "-o", str(work / "stream.json")]
-            ),
-        ]
-        a, b = (
-            json.loads((work / f).read_text())["importance"]
-            for f in ("mem.json", "stream.json")
+        # the Python + torch + transformers + llmdrop runtime every command below starts with
+        results = [measure("runtime only (imports)", [PY, "-c", "import torch, transformers; import llmdrop.api"])]
+        diff = None
+        if not opts.skip_scoring:
+            results += [
+                measure("score, in memory", [*score, "-o", str(work / "mem.json")]),
+                measure("score, streamed", [*score, "--stream", "-o", str(work / "stream.json")]),
+            ]
+            a, b = (json.loads((work / f).read_text())["importance"] for f in ("mem.json", "stream.json"))
+            diff = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
+        # the weights alone (what `cp` does): write_weights into an empty folder, timed inside the process
+        weights_only = (
+            "import time, torch; from llmdrop.arch import ADAPTERS; from llmdrop.plan import DropPlan; "
+            "from llmdrop.stream_export import write_weights; from pathlib import Path; "
+            f"out = Path({str(work / 'w')!r}); out.mkdir(); t = time.perf_counter(); "
+            f"write_weights({str(src)!r}, ADAPTERS['llama'], DropPlan(16, blocks=[3, 7]), out, dtype=torch.bfloat16, "
+            "total_parameters=0, progress=False); print('WRITE_SECONDS', time.perf_counter() - t)"
         )
-        diff = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
         memory_export = (
             "from llmdrop.export import export; from llmdrop.models import load_model; from llmdrop.plan import "
-            f"DropPlan; export(load_model({str(src)!r}, device='cpu'), DropPlan(16, blocks=[3, 7]), {str(work / 'm')!r})"
+            f"DropPlan; export(load_model({str(src)!r}, device='cpu'), DropPlan(16, blocks=[3, 7]), "
+            f"{str(work / 'm')!r})"
         )
         results += [
             measure("cp -r", ["cp", "-r", str(src), str(work / "copy")]),
@@ -131,6 +133,8 @@ def main() -> None:
                 ],
             ),
             measure("export in memory (same plan)", [PY, "-c", memory_export]),
+            measure("write_weights only (same plan)", [PY, "-c", weights_only]),
+            measure("cp -r, again", ["cp", "-r", str(src), str(work / "copy2")]),
         ]
         report = {
             "checkpoint": "random llama-1b shape (Llama-3.2-1B: 16 layers, hidden 2048), bfloat16",
