@@ -497,7 +497,7 @@ def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> di
 from .act import act_apply, act_eval, act_search  # noqa: E402
 from .attnmaps import attnmap  # noqa: E402
 from .bench import bench  # noqa: E402
-from .heal import heal  # noqa: E402
+from .healing import heal  # noqa: E402
 from .hub import push  # noqa: E402
 from .probing import inject, probe  # noqa: E402
 from .quantize import quantize  # noqa: E402

@@ -17,13 +17,13 @@ from tiny_models import COMMON, WORDS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-import llmdrop.heal as heal_module
+import llmdrop.healing as heal_module
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
 from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
-from llmdrop.heal import Method, distill, heal, kd_loss, make_trainable, split_heldout, tensor_shapes, trained_model
+from llmdrop.healing import Method, distill, heal, kd_loss, make_trainable, split_heldout, tensor_shapes, trained_model
 from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
 
