@@ -577,7 +577,7 @@ def heal_cmd(
             help="What trains: lora (adapters on the kept attention / MLP projections, merged when saving; needs "
             "llmdrop[heal]), last:K (the last K layers and the final norm) or full."
         ),
-    ] = "last:4",
+    ] = "lora",
     rank: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 x rank).")] = 8,
     steps: Annotated[
         Optional[int],

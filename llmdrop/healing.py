@@ -404,7 +404,7 @@ def heal(
     out: str | Path | None = None,
     *,
     teacher: ModelArg = None,
-    train: str = "last:4",
+    train: str = "lora",
     rank: int = 8,
     steps: int | None = None,
     lr: float | None = None,

@@ -267,8 +267,8 @@ def test_ctrl_c_writes_nothing(workdir, monkeypatch):
 
     monkeypatch.setattr(heal_module, "distill", interrupted)
     out = workdir / "interrupted"
-    result = invoke("heal", workdir / "vanilla", "-o", out, "--calib", workdir / "text.txt", "--samples", 8,
-                    "--seq-len", 32)  # fmt: skip
+    args = ["--train", "full", "--calib", workdir / "text.txt", "--samples", 8, "--seq-len", 32]
+    result = invoke("heal", workdir / "vanilla", "-o", out, *args)
     assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == "error: interrupted"
     assert not out.exists() and not [p for p in workdir.iterdir() if "interrupted" in p.name]
 
