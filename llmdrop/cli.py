@@ -349,12 +349,13 @@ def drop_cmd(
         why = f" ({'; '.join(exported['format_reason'])})" if exported.get("format_reason") else ""
         console.print(
             f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "
-            f"mlp {plan.mlp})\nwrote {path} in the {exported['format']} format{why}"
+            f"mlp {plan.mlp})\n"
             + (
-                "\nweights copied tensor by tensor from the source's safetensors files"
+                "weights copied tensor by tensor from the source's safetensors files\n"
                 if exported.get("streamed")
                 else ""
-            ),
+            )
+            + f"wrote {path} in the {exported['format']} format{why}",
             soft_wrap=True,
         )
 
