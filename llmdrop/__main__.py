@@ -1,4 +1,4 @@
-"""``python -m llmdrop ...``: the CLI, also as torchrun starts it (``torchrun --nproc-per-node N -m llmdrop score ...``)."""
+"""``python -m llmdrop ...``: the CLI, also as torchrun starts it (``torchrun --nproc-per-node N -m llmdrop ...``)."""
 
 from .cli import app
 

@@ -181,6 +181,7 @@ def test_every_model_command_takes_the_load_options():
         "score",
         "drop",
         "eval",
+        "heal",
         "quantize",
         "bench",
         "probe",

@@ -287,7 +287,11 @@ def kv_per_token(config, layers):
 
 def test_bench_vllm_checkpoints(qwen_source, qwen_export, tmp_path):
     """A plain Qwen2 against its nemotron-nas export: both served by vLLM, the KV facts read from each engine."""
-    report = api.bench([str(qwen_source), str(qwen_export)], engine="vllm", out=str(tmp_path / "b.json"), **BENCH)
+    # float32 said explicitly: vLLM's dtype "auto" serves a float32 checkpoint in 16 bits
+    report = api.bench(
+        [str(qwen_source), str(qwen_export)], engine="vllm", dtype="float32", out=str(tmp_path / "b.json"), **BENCH
+    )
+    assert report["dtype"] == "float32"
     assert report["engine"]["name"] == "vllm" and report["versions"]["vllm"] == report["engine"]["version"]
     assert json.loads((tmp_path / "b.json").read_text())["results"] == report["results"]
     rows = {(r["model"], r["batch_size"]): r for r in report["results"]}
