@@ -716,43 +716,28 @@ def bench(
     """`llmdrop bench`: load / build every model, measure them interleaved, write JSON / plot / markdown.
 
     ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.bench_vllm``)."""
+    common = dict(
+        random_weights=random_weights,
+        prompt_lens=prompt_lens,
+        gen_len=gen_len,
+        batch_sizes=batch_sizes,
+        repeats=repeats,
+        warmup=warmup,
+        dtype=dtype,
+        seed=seed,
+        memory=memory,
+        gguf_file=gguf_file,
+        trust_remote_code=trust_remote_code,
+        progress=progress,
+    )
     if engine == "vllm":
         from .bench_vllm import vllm_bench
 
         if device != "auto":
             raise LlmdropError("--engine vllm runs where its build runs (CUDA or CPU): leave --device at auto")
-        report = vllm_bench(
-            models,
-            random_weights=random_weights,
-            prompt_lens=prompt_lens,
-            gen_len=gen_len,
-            batch_sizes=batch_sizes,
-            repeats=repeats,
-            warmup=warmup,
-            dtype=dtype,
-            seed=seed,
-            memory=memory,
-            gguf_file=gguf_file,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
+        report = vllm_bench(models, **common)
     elif engine == "transformers":
-        report = _transformers_bench(
-            models,
-            random_weights=random_weights,
-            prompt_lens=prompt_lens,
-            gen_len=gen_len,
-            batch_sizes=batch_sizes,
-            repeats=repeats,
-            warmup=warmup,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            memory=memory,
-            gguf_file=gguf_file,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
-        )
+        report = _transformers_bench(models, device=device, **common)
     else:
         raise LlmdropError(f"unknown --engine {engine!r}; use transformers or vllm")
     if random_weights:
