@@ -446,8 +446,6 @@ def heal(
         n_student = source_num_layers(str(folder))
         if n_student is not None and method.last > n_student:
             raise LlmdropError(f"--train last:{method.last} asks for more layers than the student has ({n_student})")
-    if method.kind == "lora":
-        require_peft()
     t_spec = None if isinstance(teacher, LoadedModel) else teacher_spec(record, teacher, spec)
     n_teacher = source_num_layers(t_spec.model, t_spec.gguf_file) if t_spec else None
     if n_teacher is not None and n_teacher != record["source"]["num_layers"]:
@@ -463,6 +461,8 @@ def heal(
     s_loaded = replace(spec, dtype=dtype).load()
     t_loaded = teacher if t_spec is None else replace(t_spec, dtype=dtype).load()  # a loaded teacher is used as is
     check_pair(s_loaded, t_loaded, record)
+    if method.kind == "lora":  # after the checks above, so a wrong input is named even where peft is missing
+        require_peft()
     tokens = calib.tokens(t_loaded.tokenizer, t_loaded.model)  # `self`: sampled from the teacher
     train_tokens, heldout = split_heldout(tokens, eval_split, calib.seed)
     if steps is None:
