@@ -9,12 +9,15 @@ norms, as the architecture adapter names them), and cast to the export's dtype.
 
 The safetensors library writes a file only from a dict of tensors held in memory, so the files are written here:
 an 8-byte little-endian header length, a JSON header (dtype, shape, byte range of every tensor), then the bytes.
-Uncast tensors are copied in chunks (peak memory: one chunk); cast ones one tensor at a time. The shards and the
+Uncast tensors are copied by the kernel (``os.copy_file_range``: their bytes never pass through this process, so
+the export runs at the speed of ``cp``); cast ones are read, cast and written one tensor at a time. The shards and the
 index are split as transformers' ``save_pretrained`` splits them (huggingface_hub's splitter, its default size).
 """
 
+import errno
 import inspect
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from .plan import DropPlan
 
 INDEX_NAME = "model.safetensors.index.json"
 CHUNK = 64 << 20  # bytes copied at a time
+# copy_file_range's answers for "not here" (another filesystem on an old kernel, no such call): copy by hand instead
+NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -117,6 +122,36 @@ def _target_dtype(stored: torch.dtype, dtype: torch.dtype) -> torch.dtype:
     return dtype if stored.is_floating_point else stored  # as nn.Module.to(dtype): floating tensors only
 
 
+def _copy_bytes(src, out, start: int, nbytes: int, path: Path) -> None:
+    """Copy ``nbytes`` from ``start`` in file ``src`` to the end of ``out`` (both unbuffered). The kernel copies them
+    (copy_file_range: no bytes through Python, reflinks where the filesystem has them); a plain read/write loop where
+    it cannot (another filesystem on an old kernel, no such call)."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src.fileno(), out.fileno(), min(CHUNK, nbytes - done), start + done)
+            if n == 0:
+                raise LlmdropError(f"{path} is truncated")
+            done += n
+        return
+    except (AttributeError, OSError) as error:
+        if isinstance(error, OSError) and error.errno not in NO_KERNEL_COPY:
+            raise
+    src.seek(start + done)
+    while done < nbytes:
+        chunk = src.read(min(CHUNK, nbytes - done))
+        if not chunk:
+            raise LlmdropError(f"{path} is truncated")
+        _write_all(out, chunk)
+        done += len(chunk)
+
+
+def _write_all(out, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[out.write(view) :]
+
+
 def _write_file(path: Path, items: list[tuple[str, StoredTensor, torch.dtype]]) -> None:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, src, dtype in items:
@@ -125,24 +160,23 @@ def _write_file(path: Path, items: list[tuple[str, StoredTensor, torch.dtype]]) 
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
+    with open(path, "wb", buffering=0) as out:
+        _write_all(out, struct.pack("<Q", len(raw)) + raw)
         for _, src, dtype in items:
-            with open(src.file, "rb") as f:
-                f.seek(src.start)
+            with open(src.file, "rb", buffering=0) as f:
                 if dtype == src.dtype:
-                    left = src.nbytes
-                    while left:
-                        chunk = f.read(min(CHUNK, left))
-                        if not chunk:
-                            raise LlmdropError(f"{src.file} is truncated")
-                        out.write(chunk)
-                        left -= len(chunk)
+                    _copy_bytes(f, out, src.start, src.nbytes, src.file)
                 else:
-                    data = bytearray(f.read(src.nbytes))
+                    f.seek(src.start)
+                    data = bytearray(src.nbytes)
+                    view, done = memoryview(data), 0
+                    while done < src.nbytes:  # one read() returns at most ~2 GiB on Linux
+                        n = f.readinto(view[done:])
+                        if not n:
+                            raise LlmdropError(f"{src.file} is truncated")
+                        done += n
                     tensor = torch.frombuffer(data, dtype=src.dtype).to(dtype) if data else torch.empty(0, dtype=dtype)
-                    out.write(tensor.view(torch.uint8).numpy().data)
+                    _write_all(out, tensor.view(torch.uint8).numpy().data)
 
 
 def write_weights(
