@@ -614,18 +614,23 @@ def run_benchmark(
         samples,
         peaks,
         device=device_name(device),
-        settings={
-            "prompt_lens": list(prompt_lens),
-            "batch_sizes": list(batch_sizes),
-            "gen_len": gen_len,
-            "repeats": repeats,
-            "warmup": warmup,
-            "seed": seed,
-            "peak_memory": method,
-        },
+        settings=run_settings(prompt_lens, batch_sizes, gen_len, repeats, warmup, seed, peak_memory=method),
         order=order,
         parameter_bytes=own_bytes,
     )
+
+
+def run_settings(prompt_lens, batch_sizes, gen_len, repeats, warmup, seed, **engine_settings) -> dict:
+    """The report's ``settings``: what both engines were asked for, then what is particular to one."""
+    return {
+        "prompt_lens": list(prompt_lens),
+        "batch_sizes": list(batch_sizes),
+        "gen_len": gen_len,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        **engine_settings,
+    }
 
 
 def assemble_report(

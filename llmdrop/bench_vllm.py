@@ -29,6 +29,7 @@ from .bench import (
     make_prompt,
     model_specs,
     parse_variant,
+    run_settings,
 )
 from .errors import LlmdropError
 
@@ -347,21 +348,21 @@ def vllm_bench(
         samples,
         peaks,
         device=facts["device"],
-        settings={
-            "prompt_lens": list(prompt_lens),
-            "batch_sizes": list(batch_sizes),
-            "gen_len": gen_len,
-            "repeats": repeats,
-            "warmup": warmup,
-            "seed": seed,
-            "peak_memory": "not measured"
+        settings=run_settings(
+            prompt_lens,
+            batch_sizes,
+            gen_len,
+            repeats,
+            warmup,
+            seed,
+            peak_memory="not measured"
             if not memory
             else "vLLM: the weights (as vLLM reports them on GPU; the checkpoint's bytes on CPU, where it reports "
             "none) + the KV-cache blocks the batch's sequences hold (the engine's block and page size); the KV pool "
             "vLLM pre-allocates is not counted",
-            "enforce_eager": eager,
-            "prefix_caching": False,
-        },
+            enforce_eager=eager,
+            prefix_caching=False,
+        ),
         order=order,
         parameter_bytes=parameter_bytes,
         engine={"name": "vllm", "version": version},
