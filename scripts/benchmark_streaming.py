@@ -21,6 +21,7 @@ PY = sys.executable
 
 
 def measure(name: str, args: list[str]) -> dict:
+    subprocess.run(["sync"], check=True)  # the previous command's dirty pages are flushed before, not during, this one
     proc = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True, check=False)
     inner = re.search(r"WRITE_SECONDS (\S+)", proc.stdout)
     if proc.returncode != 0:
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of cp / streamed export")
     parser.add_argument("--skip-scoring", action="store_true", help="only the export measurements")
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmdrop-streambench-"))
@@ -103,39 +105,32 @@ def main() -> None:
             ]
             a, b = (json.loads((work / f).read_text())["importance"] for f in ("mem.json", "stream.json"))
             diff = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
-        # the weights alone (what `cp` does): write_weights into an empty folder, timed inside the process
-        weights_only = (
-            "import time, torch; from llmdrop.arch import ADAPTERS; from llmdrop.plan import DropPlan; "
-            "from llmdrop.stream_export import write_weights; from pathlib import Path; "
-            f"out = Path({str(work / 'w')!r}); out.mkdir(); t = time.perf_counter(); "
-            f"write_weights({str(src)!r}, ADAPTERS['llama'], DropPlan(16, blocks=[3, 7]), out, dtype=torch.bfloat16, "
-            "total_parameters=0, progress=False); print('WRITE_SECONDS', time.perf_counter() - t)"
-        )
+
+        # the weights alone (what `cp` does): write_weights into an empty folder, timed inside the process after the
+        # imports (transformers' modeling code, which `drop` has loaded anyway, gives the default shard size)
+        def weights_only(out: Path) -> str:
+            return (
+                "import time, torch, transformers.modeling_utils; from llmdrop.arch import ADAPTERS; "
+                "from llmdrop.plan import DropPlan; from llmdrop.stream_export import write_weights; "
+                f"from pathlib import Path; out = Path({str(out)!r}); out.mkdir(); t = time.perf_counter(); "
+                f"write_weights({str(src)!r}, ADAPTERS['llama'], DropPlan(16, blocks=[3, 7]), out, "
+                "dtype=torch.bfloat16, total_parameters=0, progress=False); "
+                "print('WRITE_SECONDS', time.perf_counter() - t)"
+            )
+
         memory_export = (
             "from llmdrop.export import export; from llmdrop.models import load_model; from llmdrop.plan import "
             f"DropPlan; export(load_model({str(src)!r}, device='cpu'), DropPlan(16, blocks=[3, 7]), "
             f"{str(work / 'm')!r})"
         )
-        results += [
-            measure("cp -r", ["cp", "-r", str(src), str(work / "copy")]),
-            measure(
-                "drop --block-layers 3,7 (streamed export)",
-                [
-                    PY,
-                    "-m",
-                    "llmdrop",
-                    "drop",
-                    str(src),
-                    "-o",
-                    str(work / "s"),
-                    "--block-layers",
-                    "3,7",
-                ],
-            ),
-            measure("export in memory (same plan)", [PY, "-c", memory_export]),
-            measure("write_weights only (same plan)", [PY, "-c", weights_only]),
-            measure("cp -r, again", ["cp", "-r", str(src), str(work / "copy2")]),
-        ]
+        drop = [PY, "-m", "llmdrop", "drop", str(src), "--block-layers", "3,7", "-o"]
+        results.append(measure("export in memory (same plan)", [PY, "-c", memory_export]))
+        for i in range(opts.rounds):  # interleaved: the disk's speed drifts between runs
+            results += [
+                measure(f"cp -r ({i + 1})", ["cp", "-r", str(src), str(work / f"copy{i}")]),
+                measure(f"drop --block-layers 3,7, streamed export ({i + 1})", [*drop, str(work / f"s{i}")]),
+                measure(f"write_weights only, same plan ({i + 1})", [PY, "-c", weights_only(work / f"w{i}")]),
+            ]
         report = {
             "checkpoint": "random llama-1b shape (Llama-3.2-1B: 16 layers, hidden 2048), bfloat16",
             "checkpoint_bytes": size,
