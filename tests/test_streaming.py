@@ -3,7 +3,11 @@ disk: the streamed results must equal the in-memory ones (scores within 1e-5, ex
 
 import errno
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -206,6 +210,29 @@ def test_cli_stream_score_and_drop(tmp_path, calib_file):
     assert result.exit_code == 0, result.output
     assert "copied tensor by tensor" in result.stderr
     assert json.loads((tmp_path / "out/llmdrop.json").read_text())["plan"]["blocks"] == sorted(worst)
+
+
+def test_stream_score_from_a_hub_id(tmp_path, calib_file):
+    """A Hub id streams from the files the Hub client resolves (here an offline cache laid out as the Hub client
+    writes it: models--ORG--NAME/snapshots/COMMIT, refs/main), with the same scores as the local folder."""
+    repo = tmp_path / "hub/models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots/0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source_dir("llama"), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(snapshot.name)
+    calib = ["--calib", str(calib_file), "--samples", "4", "--seq-len", "16", "--device", "cpu", "--json"]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "llmdrop", "score", "tiny-org/tiny-llama", "--stream", *calib],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    local = CliRunner().invoke(app, ["score", str(source_dir("llama")), *calib])
+    a, b = json.loads(local.stdout)["importance"], json.loads(run.stdout)["importance"]
+    assert all(b[k] == pytest.approx(a[k], abs=1e-5) for k in a) and len(b["block"]) == N
 
 
 def test_cli_stream_refusals(tmp_path, calib_file):
