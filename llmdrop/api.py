@@ -247,6 +247,7 @@ def drop(
     candidates: int | None = None,
     loss_samples: int = 8,
     compensate: str | None = None,
+    compensate_ridge: float = 1.0,
     progress: bool = True,
     stream: bool = False,
     max_shard_size: str | int | None = None,
@@ -263,7 +264,8 @@ def drop(
     ``device_map`` (e.g. ``"auto"``) spreads the model in memory over several GPUs (accelerate).
     ``selector`` (cosine | loss | angular-contiguous | reverse, see ``llmdrop.select``) chooses the counted parts;
     ``loss`` pre-filters to the ``candidates`` lowest by cosine and evaluates on the first ``loss_samples``
-    calibration blocks. ``compensate="linear"`` folds a least-squares map for every dropped run of blocks into the
+    calibration blocks. ``compensate="linear"`` folds a least-squares map (shrunk toward the plain drop by
+    ``compensate_ridge``) for every dropped run of blocks into the
     layer before it (``llmdrop.compensate``).
     """
     if not out:
@@ -297,6 +299,7 @@ def drop(
 
     check_method(
         compensate,
+        ridge=compensate_ridge,
         may_drop_blocks=bool(blocks or block_layers or joint or ((attn or attn_layers) and (mlp or mlp_layers))),
     )
     check_selection(
@@ -397,7 +400,9 @@ def drop(
 
         if tokens is None:
             tokens = calib.tokens(loaded.tokenizer, loaded.model)
-        extra["compensation"] = compensate_linear(loaded, plan, tokens, batch_size=batch_size, progress=progress)
+        extra["compensation"] = compensate_linear(
+            loaded, plan, tokens, batch_size=batch_size, progress=progress, ridge=compensate_ridge
+        )
     if not (iterative or compensate):  # the weights in memory are the source's: copy them from its safetensors files
         loaded = _streamed_export_source(model, loaded)
     path = export(

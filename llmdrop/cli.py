@@ -269,6 +269,13 @@ def drop_cmd(
             show_default=False,
         ),
     ] = None,
+    compensate_ridge: Annotated[
+        float,
+        typer.Option(
+            help="--compensate linear: shrink the map toward the plain drop by this much (relative to the mean "
+            "diagonal of X^T X); 0 is ReplaceMe's plain least squares.",
+        ),
+    ] = 1.0,
     skip_attention_from: Annotated[
         Optional[int],
         typer.Option(
@@ -327,6 +334,7 @@ def drop_cmd(
         candidates=candidates,
         loss_samples=loss_samples,
         compensate=compensate,
+        compensate_ridge=compensate_ridge,
         calib=calib,
         metric=metric,
         batch_size=batch_size,

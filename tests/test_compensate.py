@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import llmdrop
+from llmdrop import compensate
 from llmdrop.cli import app
 from llmdrop.compensate import fold, runs
 from llmdrop.data import CalibSpec
@@ -72,7 +73,13 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
     logits = {}
     for method in (None, "linear"):
         out, plan = llmdrop.drop(
-            str(src), str(tmp_path / f"out-{method}"), block_layers="2", compensate=method, calib=calib, progress=False
+            str(src),
+            str(tmp_path / f"out-{method}"),
+            block_layers="2",
+            compensate=method,
+            compensate_ridge=0,  # plain least squares: the exact map
+            calib=calib,
+            progress=False,
         )
         assert plan.blocks == [2]
         config = json.loads((out / "config.json").read_text())
@@ -90,7 +97,7 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
     assert run["layers"] == [2, 2] and run["folded_into"] == "layer 1 MLP output projection"
     assert run["tokens"] == 8 * 24
     assert run["relative_error_plain_drop"] > 0.05 and run["relative_error_compensated"] < 1e-9
-    assert record["exported"]["format"] == "vanilla"
+    assert record["exported"]["format"] == "vanilla" and record["compensation"]["ridge"] == 0
 
 
 def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, tmp_path):
@@ -118,6 +125,44 @@ def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, t
         name = "model.layers.{}.mlp.down_proj.weight"
         same = torch.equal(state[name.format(exported)], source[name.format(src_layer)])
         assert same == (src_layer not in (2, 5)), src_layer
+
+
+def test_ridge_shrinks_the_map_from_least_squares_toward_the_plain_drop():
+    """ridge 0 is the least-squares solution, a huge ridge the identity (the plain drop); in between the fit on the
+    calibration rows gets worse as the ridge grows, never better than least squares nor worse than the plain drop."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    y = x @ (torch.eye(16, dtype=torch.float64) + 0.3 * torch.randn(16, 16, generator=g, dtype=torch.float64))
+    y += 0.5 * torch.randn(300, 16, generator=g, dtype=torch.float64)
+    stats = compensate._LeastSquares(16)
+    stats.add(x, y)
+    t0, r0 = stats.solve(0)
+    torch.testing.assert_close(t0, torch.linalg.lstsq(x, y).solution, atol=1e-9, rtol=0)
+    t_inf, r_inf = stats.solve(1e12)
+    torch.testing.assert_close(t_inf, torch.eye(16, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert r_inf == pytest.approx(stats.plain / stats.yty, rel=1e-6)
+    residuals = [stats.solve(ridge)[1] for ridge in (0, 0.01, 0.1, 1, 10)]
+    assert residuals == sorted(residuals) and r0 < residuals[-1] < r_inf
+
+
+def test_a_negative_ridge_is_refused_before_loading(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "drop",
+            str(tmp_path / "no-model"),
+            "-o",
+            str(tmp_path / "out"),
+            "--blocks",
+            "1",
+            "--compensate",
+            "linear",
+            "--compensate-ridge",
+            "-1",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "error: --compensate-ridge must be a number >= 0, got -1.0" in result.output
 
 
 @pytest.mark.parametrize("arch", ["llama-bias", "phi3", "qwen3", "mixtral"])
