@@ -42,8 +42,8 @@ METHODS = ("linear",)
 DEFAULT_RIDGE = 1.0
 
 
-def check_method(method: str | None, *, may_drop_blocks: bool = True, ridge: float = 0.0) -> None:
-    """Before any model work: a known method, and a request that can drop whole blocks at all."""
+def check_method(method: str | None, *, may_drop_blocks: bool = True, ridge: float = DEFAULT_RIDGE) -> None:
+    """Before any model work: a known method, a valid ridge, and a request that can drop whole blocks at all."""
     if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
         raise LlmdropError(f"--compensate-ridge must be a number >= 0, got {ridge!r}")
     if method is None:
