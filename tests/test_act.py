@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from llmdrop import act
 from llmdrop.arch import adapter_for
 from llmdrop.cli import app
+from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError
 from llmdrop.modeling.attention_calibration import (
     NAME,
@@ -130,11 +131,11 @@ def test_cached_decoding_equals_full_forward(arch):
     with torch.no_grad():
         full = model(x).logits
         out = model(x[:, :6], use_cache=True)  # prefill longer than the sliding window (4)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], output_cache(out)
         for t in range(6, 14):
-            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(x[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True)
             steps.append(out.logits)
-            cache = out.past_key_values
+            cache = output_cache(out)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     with torch.no_grad():
         uncalibrated = tiny_model(arch, 4, attn_implementation="eager")(x).logits

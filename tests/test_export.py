@@ -17,6 +17,7 @@ from safetensors import safe_open
 from tiny_models import ARCHS, FIRST_WORD_ID, SUBLAYER_MODULES, VOCAB_SIZE, identity_hooks, tiny_model, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError
 from llmdrop.export import FORMAT, export
 from llmdrop.exporters import DROP_CODE_FILES
@@ -130,12 +131,12 @@ def check_kv_cache(model, arch, plan):
     full = logits(model)
     with torch.no_grad():
         out = model(IDS[:, :8], use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         assert len(cache.layers) == len(kept_types)
         assert [layer.is_sliding for layer in cache.layers] == [t == "sliding_attention" for t in kept_types]
         steps = [out.logits[:, -1]]
         for t in range(8, IDS.shape[1] - 1):  # no position_ids: positions come from cache.get_seq_length()
-            out = model(IDS[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(IDS[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True)
             steps.append(out.logits[:, -1])
         assert cache.get_seq_length() == IDS.shape[1] - 1
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 7:-1], atol=1e-4, rtol=0)

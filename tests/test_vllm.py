@@ -24,6 +24,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: E402
 
 from llmdrop import api  # noqa: E402
+from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError  # noqa: E402
 from llmdrop.models import load_model  # noqa: E402
 
@@ -103,7 +104,7 @@ def hf_greedy(model, ids, n=NEW_TOKENS):
     tokens = []
     for _ in range(n):
         tokens.append(int(out.logits[0, -1].argmax()))
-        out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([tokens[-1:]]), **{cache_kwarg(model): output_cache(out)}, use_cache=True)
     return tokens
 
 
