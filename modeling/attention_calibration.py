@@ -226,9 +226,15 @@ class CalibratedAttentionMixin:
         apply_config_calibration(self, config)
 
 
-# base model_type -> the export's model class plus calibration; same class names as modeling_llmdrop's.
-CALIBRATED_MODEL_CLASSES = {
-    base: type(cls.__name__, (CalibratedAttentionMixin, cls), {"__module__": __name__})
-    for base, cls in MODEL_CLASSES.items()
-}
+# base model_type -> the export's model class plus calibration; same class names as modeling_llmdrop's. The config
+# classes are subclasses of their own too: transformers maps a remote config class to the model class loaded first
+# with it (AutoModel's registry), so sharing modeling_llmdrop's config class would let an uncalibrated export loaded
+# earlier in the same process (from a folder of the same name) stand in for this one.
+def _calibrated(cls):
+    config_class = type(cls.config_class.__name__, (cls.config_class,), {"__module__": __name__})
+    return type(cls.__name__, (CalibratedAttentionMixin, cls), {"__module__": __name__, "config_class": config_class})
+
+
+CALIBRATED_MODEL_CLASSES = {base: _calibrated(cls) for base, cls in MODEL_CLASSES.items()}
 globals().update({cls.__name__: cls for cls in CALIBRATED_MODEL_CLASSES.values()})
+globals().update({cls.config_class.__name__: cls.config_class for cls in CALIBRATED_MODEL_CLASSES.values()})

@@ -243,6 +243,27 @@ def test_export_equals_in_memory(tmp_path, arch, attn_layers):
         AutoConfig.from_pretrained(out)
 
 
+def test_calibrated_export_loads_calibrated_after_a_plain_export_of_the_same_folder_name(tmp_path):
+    """transformers caches remote code by folder name and file hash, and maps a remote config class to the first
+    model class loaded with it: a plain export loaded first from another folder called `out` must not stand in for
+    the calibrated one (it did: logits off by 0.1, uncalibrated)."""
+    from llmdrop.export import export
+    from llmdrop.models import load_model
+    from llmdrop.plan import DropPlan
+
+    export(tiny_loaded(), DropPlan(4, attn=[0]), tmp_path / "plain/out")
+    export(tiny_loaded(), DropPlan(4, attn=[0]), tmp_path / "src")
+    out = act.act_apply(str(tmp_path / "src"), heads=str(write_heads(tmp_path / "h.json")), out=tmp_path / "act/out")
+    ref = load_model(str(tmp_path / "src"), device="cpu")
+    act.enable(ref, HEADS, BETA, TAU)
+    x = ids(batch=2, length=10, seed=6)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "plain/out", trust_remote_code=True)
+    with torch.no_grad():
+        expect = ref.model(x).logits
+        got = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()(x).logits
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
+
+
 def test_apply_on_a_drop_export_keeps_its_drops(tmp_path):
     from llmdrop.export import export
     from llmdrop.models import load_model
