@@ -453,6 +453,8 @@ def heal(
             f"the student {spec.model} is not a drop of the teacher {t_spec.model}: it was cut from "
             f"{record['source']['num_layers']} layers, the teacher has {n_teacher}"
         )
+    if method.kind == "lora":  # before the models are loaded: a missing extra should not cost a load
+        require_peft()
     lr = lr if lr is not None else DEFAULT_LR[method.kind]
 
     # Training runs in float32 unless a dtype is asked for; the checkpoint keeps the dtype it had.
@@ -461,8 +463,6 @@ def heal(
     s_loaded = replace(spec, dtype=dtype).load()
     t_loaded = teacher if t_spec is None else replace(t_spec, dtype=dtype).load()  # a loaded teacher is used as is
     check_pair(s_loaded, t_loaded, record)
-    if method.kind == "lora":  # after the checks above, so a wrong input is named even where peft is missing
-        require_peft()
     tokens = calib.tokens(t_loaded.tokenizer, t_loaded.model)  # `self`: sampled from the teacher
     train_tokens, heldout = split_heldout(tokens, eval_split, calib.seed)
     if steps is None:

@@ -295,8 +295,11 @@ def other_teachers(workdir):
     [
         (["{src}"], "is not an llmdrop export (no llmdrop.json): heal starts from the output of `llmdrop drop`"),
         (["{exp}", "--teacher", "{t}/four-layers"], "is not a drop of the teacher {t}/four-layers: it was cut from 6"),
-        (["{exp}", "--teacher", "{t}/other-mlp"], "layer 0.mlp.gate_proj.weight has shape (128, 64), source layer 0's"),
-        (["{exp}", "--teacher", "{t}/other-vocab"], "has another vocabulary than the student"),
+        (
+            ["{exp}", "--teacher", "{t}/other-mlp", "--train", "full"],
+            "layer 0.mlp.gate_proj.weight has shape (128, 64), source layer 0's",
+        ),
+        (["{exp}", "--teacher", "{t}/other-vocab", "--train", "full"], "has another vocabulary than the student"),
         (["{exp}", "--train", "half"], "unknown --train 'half'; use lora, last:K (K >= 1 layers) or full"),
         (["{exp}", "--train", "last:9"], "--train last:9 asks for more layers than the student has (5)"),
         (["{exp}", "--eval-split", "1"], "--eval-split must be in [0, 1), got 1.0"),
