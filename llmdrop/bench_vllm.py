@@ -96,10 +96,10 @@ def checkpoint_dir(spec: dict, tmp: Path) -> tuple[str, bool]:
             _servable_dir(local)
         # llmdrop's own exports carry llmdrop's code: trusted as when llmdrop loads them
         return path, spec["trust_remote_code"] or (local.is_dir() and is_llmdrop_export(path))
-    from .export import _strip_gguf_quantization, save_tokenizer
+    from .export import save_tokenizer, strip_gguf_quantization
 
     loaded = LoadSpec(model=spec["source"], gguf_file=spec["gguf_file"], dtype=spec["dtype"], device="cpu").load()
-    _strip_gguf_quantization(loaded.model)  # dequantized on load: the weights are plain tensors now
+    strip_gguf_quantization(loaded.model)  # dequantized on load: the weights are plain tensors now
     folder = tmp / f"gguf-{len(list(tmp.iterdir()))}"
     loaded.model.save_pretrained(folder)
     save_tokenizer(loaded.tokenizer, folder)

@@ -54,7 +54,7 @@ def versions() -> dict:
     }
 
 
-def _strip_gguf_quantization(model) -> None:
+def strip_gguf_quantization(model) -> None:
     """A GGUF source is dequantized on load; the export holds plain weights and must not claim otherwise."""
     model.config.__dict__.pop("quantization_config", None)
     if getattr(model, "hf_quantizer", None) is not None:
@@ -172,7 +172,7 @@ def export(
     )
     if passed_over:
         record["exported"]["format_reason"] = passed_over
-    _strip_gguf_quantization(model)
+    strip_gguf_quantization(model)
     target = resolve_dtype(dtype)
     if target != "auto":
         model.to(target)

@@ -426,7 +426,7 @@ def quantize(
     scheme, quantized_modules, calibration, seconds, weights_bytes.
     """
     from .data import CalibSpec
-    from .export import _strip_gguf_quantization
+    from .export import strip_gguf_quantization
     from .files import atomic_dir, check_output_dir, check_writable_parent
     from .models import as_loaded, as_spec, is_llmdrop_export, source_of
 
@@ -454,7 +454,7 @@ def quantize(
     net = loaded.model
     source_dir = Path(loaded.path) if Path(loaded.path).is_dir() and not loaded.gguf_file else None
     if loaded.gguf_file:
-        _strip_gguf_quantization(net)  # dequantized on load: what gets quantized is plain float weights
+        strip_gguf_quantization(net)  # dequantized on load: what gets quantized is plain float weights
     elif getattr(net.config, "quantization_config", None) is not None:
         qc = net.config.quantization_config
         kind = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")

