@@ -31,7 +31,7 @@ from .modeling.attention_calibration import (
     disable_attention_calibration,
     enable_attention_calibration,
 )
-from .models import LoadedModel, ModelArg, as_loaded, source_of
+from .models import LoadedModel, ModelArg, as_loaded, model_input
 
 FORMAT = "llmdrop.act/1"
 DEFAULT_TASK = Path(__file__).parent / "data" / "act_mc.jsonl"
@@ -286,9 +286,11 @@ def act_search(
     """
     from tqdm.auto import tqdm
 
+    from .files import JSON, check_output
     from .plan import parse_layers
 
-    out = Path(out)
+    # an existing heads.json is resumed from (its settings must match), never replaced
+    out = check_output(out, kind="file", suffixes=JSON, option="--out", resume=True, inputs=[model_input(model), task])
     calib, _ = split_task(load_mc_task(task), split, seed)
     loaded = as_loaded(model)
     n_layers, n_heads = loaded.num_layers, loaded.model.config.num_attention_heads
@@ -436,7 +438,7 @@ def act_apply(
     from .plan import DropPlan
 
     spec = load_heads(heads)
-    check_output_dir(out, overwrite, inputs=[source_of(model)[0], heads])
+    check_output_dir(out, overwrite, inputs=[model_input(model), heads])
     beta = spec["beta"] if beta is None else beta
     threshold = spec["threshold"] if threshold is None else threshold
     loaded = as_loaded(model)

@@ -9,11 +9,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .arch import absent_parts, mask_absent
 from .data import CalibSpec, check_sizes, load_texts, tokens_from_texts
 from .errors import LlmdropError
 from .export import export
-from .exporters import check_format_name
-from .files import check_output_dir, check_writable_parent
+from .exporters import check_format_for_source, check_format_name
+from .files import JSON, check_output_dir, check_outputs, check_writable_parent, plot_suffixes
 from .models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -21,8 +22,9 @@ from .models import (
     ModelArg,
     as_loaded,
     as_spec,
+    model_input,
+    source_config,
     source_identity,
-    source_num_layers,
     source_of,
 )
 from .plan import DropPlan, parse_layers, select
@@ -67,20 +69,25 @@ def score(
     progress: bool = True,
     stream: bool = False,
     device_map: str | None = None,
+    overwrite: bool = False,
 ) -> Scores:
     """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant).
 
     ``stream``: one decoder layer at a time from the safetensors files (``llmdrop.streaming``), for models larger
     than memory. Under torchrun every rank scores its share of the batches; rank 0 alone writes ``out`` / ``plot``.
     ``device_map`` (e.g. ``"auto"``): one model in memory spread over several GPUs by accelerate.
+    An existing ``out`` / ``plot`` is replaced only with ``overwrite``.
     """
     from .distributed import device_for_rank, is_main, setup
 
     calib = CalibSpec.of(calib)
     check_sizes(batch_size=batch_size)
-    for path in (out, plot):
-        if path:
-            check_writable_parent(Path(path))
+    check_outputs(
+        {"--out": (out, JSON), "--plot": (plot, plot_suffixes() if plot else None)},
+        overwrite=overwrite,
+        inputs=[model_input(model), calib.input],
+    )
+    calib = calib.fitted(_config_of(model))
     model = _with_device_map(model, device_map, stream)
     setup()  # joins torchrun's process group, if launched by it
     if not isinstance(model, LoadedModel) and not device_map:  # under torchrun: this rank's own GPU
@@ -90,7 +97,7 @@ def score(
 
         spec = check_streamable(model, calib)
         loaded = load_skeleton(spec)
-        tokens = calib.tokens(loaded.tokenizer)
+        tokens = calib.fitted(loaded.model.config).tokens(loaded.tokenizer)
         importance = stream_importance(
             spec, tokens, metric=metric, batch_size=batch_size, progress=progress, skeleton=loaded
         )
@@ -139,8 +146,8 @@ def _iterative_plan(
             candidates = []
             for k in kinds:
                 for i in range(n):
-                    gone = i in dropped["attn"] and i in dropped["mlp"]
-                    if not gone and (k == "block" or i not in dropped[k]):
+                    gone = imp["attn"][i] is None and imp["mlp"][i] is None  # None: dropped (now or in the source)
+                    if not gone and imp[k][i] is not None:
                         candidates.append((imp[k][i], i, k))
             if not candidates:
                 raise LlmdropError(f"cannot drop more {kind} parts: none left")
@@ -151,6 +158,11 @@ def _iterative_plan(
             drop_sublayers(loaded.model, loaded.adapter, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]))
     plan = DropPlan(n, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]), method="iterative")
     return plan, steps, first
+
+
+def _config_of(model: ModelArg) -> dict:
+    """The config of a loaded model, else what the source's config.json says ({} until loaded: GGUF, Hub ids)."""
+    return model.model.config.to_dict() if isinstance(model, LoadedModel) else source_config(*source_of(model))
 
 
 def _check_scores_model(scores: Scores, where: str, model: ModelArg) -> None:
@@ -168,12 +180,18 @@ def _check_scores_model(scores: Scores, where: str, model: ModelArg) -> None:
     )
 
 
-def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None:
-    """What the layer count alone refuses: run before loading (when config.json tells n) and again before scoring."""
+def _check_request(n: int, absent: dict, scores, lists, skip_attention_from, **counts) -> None:
+    """What the layer count and the parts the source lacks (``absent``: an export's own drops) refuse: run before
+    loading (from config.json) and again once loaded, before scoring."""
     if scores is not None and scores.num_layers != n:
         raise LlmdropError(f"the scores are for {scores.num_layers} layers but the model has {n}")
-    for value in lists:
-        as_layers(value, n)
+    for value, (kind, what, option) in zip(lists, _LISTS):
+        gone = sorted(set(as_layers(value, n)) & set(absent.get(kind, ())))
+        if gone:
+            raise LlmdropError(
+                f"{what} of layer {gone[0]} is not in the model any more (it is an export that dropped "
+                f"{what} {', '.join(map(str, absent[kind]))}): leave it out of {option}"
+            )
     if skip_attention_from is not None:
         from .manipulate import skip_attention_layers
 
@@ -181,7 +199,34 @@ def _check_request(n: int, scores, lists, skip_attention_from, **counts) -> None
     if any(counts.values()):
         # Selecting on equal importances makes every check (and message) of the real selection; explicit lists
         # only narrow the choice further, which the real selection checks.
-        select({kind: [0.0] * n for kind in ("attn", "mlp", "block")}, **counts)
+        select(mask_absent({kind: [0.0] * n for kind in ("attn", "mlp", "block")}, absent), **counts)
+
+
+# the explicit lists of drop(), in its order: (part, name in messages, option)
+_LISTS = (
+    ("attn", "attention", "--attn-layers"),
+    ("mlp", "the MLP", "--mlp-layers"),
+    ("block", "block", "--block-layers"),
+)
+
+
+def _check_shard_size(value, model: ModelArg, *, stream: bool, in_memory: bool) -> int:
+    """--max-shard-size in bytes, refused unless the export will be copied tensor by tensor from safetensors files
+    (told by the flags and the source, before any model work)."""
+    from .stream_export import parse_shard_size
+    from .streaming import can_stream
+
+    size = parse_shard_size(value)
+    why = (
+        "--compensate / --iterative change the weights in memory"
+        if in_memory
+        else None
+        if stream or (not isinstance(model, LoadedModel) and can_stream(as_spec(model)))
+        else "this source is not a plain safetensors checkpoint on disk"
+    )
+    if why:
+        raise LlmdropError(f"--max-shard-size applies to exports copied from safetensors files; {why}")
+    return size
 
 
 def _with_device_map(model: ModelArg, device_map: str | None, stream: bool) -> ModelArg:
@@ -272,9 +317,9 @@ def drop(
         raise LlmdropError("give an output directory (-o OUT)")
     model = _with_device_map(model, device_map, stream)
     # Everything that needs no model is checked first: loading and scoring take minutes.
-    check_output_dir(out, overwrite, inputs=[source_of(model)[0], scores if isinstance(scores, (str, Path)) else None])
-    check_writable_parent(Path(out))
     calib = CalibSpec.of(calib)
+    scores_file = scores if isinstance(scores, (str, Path)) else None
+    check_output_dir(out, overwrite, inputs=[model_input(model), scores_file, calib.input])
     check_sizes(batch_size=batch_size)
     check_format_name(fmt)
     layer_args = (attn_layers, mlp_layers, block_layers)
@@ -319,15 +364,28 @@ def drop(
     if scores is not None and not force_scores:
         _check_scores_model(scores, where, model)
     counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
-    known = model.num_layers if isinstance(model, LoadedModel) else source_num_layers(*source_of(model))
-    if known:
-        _check_request(known, scores, layer_args, skip_attention_from, **counts)
+    # What the source's config.json tells (nothing yet for GGUF files and Hub ids: then right after loading).
+    config = _config_of(model)
+    calib = calib.fitted(config)
+    if isinstance(config.get("num_hidden_layers"), int):
+        _check_request(
+            config["num_hidden_layers"], absent_parts(config), scores, layer_args, skip_attention_from, **counts
+        )
+    check_format_for_source(fmt, config)
+    if max_shard_size is not None:
+        max_shard_size = _check_shard_size(
+            max_shard_size, model, stream=stream, in_memory=bool(iterative or compensate)
+        )
     needs_calib = counted and scores is None
     loaded = _load_for_drop(
         model, stream=stream, calib=calib if needs_calib else None, whole=bool(counted or iterative or compensate)
     )
     n = loaded.num_layers
-    _check_request(n, scores, layer_args, skip_attention_from, **counts)  # GGUF and Hub sources: now, before scoring
+    calib = calib.fitted(loaded.model.config)
+    absent = absent_parts(loaded.model.config)  # an export's own drops: never chosen again
+    _check_request(n, absent, scores, layer_args, skip_attention_from, **counts)  # GGUF / Hub sources: before scoring
+    if scores is not None:
+        scores.importance = mask_absent(scores.importance, absent)  # scores of an older llmdrop gave them 0
     if compensate:
         check_supported(loaded.adapter)
     lists = {
@@ -340,7 +398,8 @@ def drop(
         # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
         from .manipulate import skip_attention_layers
 
-        lists["attn_layers"] = sorted(set(lists["attn_layers"]) | set(skip_attention_layers(n, skip_attention_from)))
+        skipped = set(skip_attention_layers(n, skip_attention_from)) - set(absent["attn"])
+        lists["attn_layers"] = sorted(set(lists["attn_layers"]) | skipped)
         extra["skip_attention_from"] = skip_attention_from
     if iterative:
         tokens = calib.tokens(loaded.tokenizer, loaded.model)
@@ -395,6 +454,9 @@ def drop(
         plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
         if plan.empty:
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
+    plan = plan.without_empty_layers(absent)
+    if any(absent.values()):
+        extra["already_dropped"] = absent  # the source export's own drops; the plan is what this run removed
     if compensate:
         from .compensate import compensate_linear
 

@@ -90,6 +90,27 @@ ADAPTERS = {
 }
 
 
+def absent_parts(config) -> dict[str, list[int]]:
+    """The sublayers an llmdrop or nemotron-nas export no longer has, in its own numbering: ``{"attn": [...],
+    "mlp": [...]}``. ``config``: a loaded config, or the dict of a config.json (nemotron-nas keeps them in
+    ``block_configs`` on disk; its loaded config derives the lists)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    attn, mlp = list(get("drop_attn_list") or ()), list(get("drop_mlp_list") or ())
+    blocks = get("block_configs")
+    if isinstance(config, dict) and blocks and not (attn or mlp):
+        attn = [i for i, b in enumerate(blocks) if (b.get("attention") or {}).get("no_op")]
+        mlp = [i for i, b in enumerate(blocks) if (b.get("ffn") or {}).get("no_op")]
+    return {"attn": sorted(attn), "mlp": sorted(mlp)}
+
+
+def mask_absent(importance: dict, absent: dict) -> dict:
+    """``importance`` with the absent parts set to None (a part that is not there scores nothing, not 0)."""
+    return {
+        kind: [None if i in set(absent.get(kind, ())) else v for i, v in enumerate(values)]
+        for kind, values in importance.items()
+    }
+
+
 def base_model_type(model_type: str) -> str:
     return model_type.removeprefix(EXPORT_PREFIX)
 

@@ -395,13 +395,13 @@ def attnmap(
     Returns a summary: files written, prompt / generated tokens, text.
     """
     from .files import atomic_dir, check_output_dir
-    from .models import as_loaded, source_of
+    from .models import as_loaded, model_input
 
     fmts = _formats(formats)
     parse_heads(heads, 1 << 30)  # the form now, the range once the model is loaded
     windows(window + 1, window, stride)  # validates window / stride before the (slow) load
     out_dir = Path(out)
-    check_output_dir(out_dir, overwrite, inputs=[source_of(model)[0]])
+    check_output_dir(out_dir, overwrite, inputs=[model_input(model)])
     loaded = as_loaded(model, attn_implementation="eager")  # a model loaded already is switched for the capture
     head_choice = parse_heads(heads, loaded.model.config.num_attention_heads)
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, chat)

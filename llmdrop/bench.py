@@ -717,10 +717,19 @@ def bench(
     plot: str | None = None,
     markdown: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """`llmdrop bench`: load / build every model, measure them interleaved, write JSON / plot / markdown.
 
     ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.bench_vllm``)."""
+    from .files import JSON, MARKDOWN, check_outputs, plot_suffixes
+    from .models import model_input
+
+    check_outputs(
+        {"--out": (out, JSON), "--plot": (plot, plot_suffixes() if plot else None), "--markdown": (markdown, MARKDOWN)},
+        overwrite=overwrite,
+        inputs=[*(model_input(m) for m in ([] if random_weights else models)), random_weights],
+    )
     common = dict(
         random_weights=random_weights,
         prompt_lens=prompt_lens,
@@ -754,7 +763,9 @@ def bench(
     if plot:
         plot_report(report, plot)
     if markdown:
-        Path(markdown).write_text(markdown_table(report) + "\n")
+        from .files import atomic_write_text
+
+        atomic_write_text(markdown, markdown_table(report) + "\n")
     return report
 
 
@@ -945,5 +956,8 @@ def plot_report(report: dict, path) -> None:
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"{report['device']}, {report['dtype']}, gen {report['settings']['gen_len']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    from .files import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

@@ -67,6 +67,7 @@ DeviceMap = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace the outputs if they exist.")]
 
 # `llmdrop --debug VERB ...` (or LLMDROP_DEBUG=1): the traceback instead of one error line.
 _state = {"debug": bool(os.environ.get("LLMDROP_DEBUG"))}
@@ -178,6 +179,7 @@ def score_cmd(
     batch_size: BatchSize = 1,
     stream: Stream = False,
     device_map: DeviceMap = None,
+    overwrite: Overwrite = False,
     json_out: Json = False,
     calib=None,
 ):
@@ -203,6 +205,7 @@ def score_cmd(
         plot=plot,
         stream=stream,
         device_map=device_map,
+        overwrite=overwrite,
     )
     if not is_main():
         return
@@ -717,6 +720,7 @@ def bench_cmd(
     ] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG of throughput against prompt length.")] = None,
     markdown: Annotated[Optional[str], typer.Option(help="Write the table as Markdown here.")] = None,
+    overwrite: Overwrite = False,
     gguf_file: GgufFile = None,
     trust_remote_code: TrustRemote = False,
     json_out: Annotated[
@@ -753,6 +757,7 @@ def bench_cmd(
         out=out,
         plot=plot,
         markdown=markdown,
+        overwrite=overwrite,
     )
     if json_out:
         typer.echo(json.dumps(report, indent=2))
@@ -865,6 +870,7 @@ def probe_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write the accuracy / gold log-prob plot (PNG) here.")] = None,
+    overwrite: Overwrite = False,
     json_out: Json = False,
 ):
     """Manipulate the previous tokens from each layer k on and measure task accuracy (Attend First, Fig. 2).
@@ -886,6 +892,7 @@ def probe_cmd(
         batch_size=batch_size,
         out=out,
         plot=plot,
+        overwrite=overwrite,
     )
     if json_out:
         typer.echo(json.dumps(result, indent=2))
@@ -939,6 +946,7 @@ def inject_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 32,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Write the results JSON here.")] = None,
     plot: Annotated[Optional[str], typer.Option(help="Write a PNG plot here.")] = None,
+    overwrite: Overwrite = False,
     json_out: Json = False,
 ):
     """Inject a donor word's hidden state into a prompt at each layer k and see whether the model follows.
@@ -968,6 +976,7 @@ def inject_cmd(
         batch_size=batch_size,
         out=out,
         plot=plot,
+        overwrite=overwrite,
     )
     if json_out:
         typer.echo(json.dumps(result, indent=2))

@@ -74,3 +74,9 @@ def quiet_cache_rename():
             yield
     finally:
         log.removeFilter(note)
+
+
+# transformers 5.25 requires the `kernels` package and kernelizes every from_pretrained by default (use_kernels None
+# -> True), which refuses the meta device ("Unsupported device type 'meta'"). A skeleton or a reload check on meta
+# has nothing to kernelize: ask for none (the keyword exists, default False, in every 5.x).
+META_LOAD = {"device_map": "meta", "use_kernels": False}

@@ -9,7 +9,7 @@ package). Every random choice is seeded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class CalibSpec:
     samples: int | None = None
     seq_len: int | None = None
     seed: int = 0
+    seq_len_given: bool = field(default=True, compare=False, repr=False)  # False: the default, cut to the model
 
     @classmethod
     def of(cls, calib: "str | CalibSpec | None") -> "CalibSpec":
@@ -51,11 +52,31 @@ class CalibSpec:
             d_samples if spec.samples is None else spec.samples,
             d_len if spec.seq_len is None else spec.seq_len,
             spec.seed,
+            seq_len_given=spec.seq_len is not None and spec.seq_len_given,
         )
 
+    def fitted(self, config) -> "CalibSpec":
+        """Refuse a --seq-len beyond the positions the model was trained for (``max_position_embeddings`` of a
+        config or config.json dict); the default length is cut to them instead."""
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+        limit = get("max_position_embeddings") if config else None
+        if not isinstance(limit, int) or self.seq_len is None or self.seq_len <= limit:
+            return self
+        if not self.seq_len_given:
+            return replace(self, seq_len=limit)
+        raise LlmdropError(
+            f"--seq-len {self.seq_len} is longer than the model's {limit} positions (max_position_embeddings)"
+        )
+
+    @property
+    def input(self) -> str | None:
+        """The file or folder this calibration reads (None: sampled from the model, or a Hub dataset)."""
+        return None if self.source == "self" or self.source.startswith("hf:") else self.source
+
     def tokens(self, tokenizer, model=None) -> torch.LongTensor:
+        seq_len = self.fitted(model.config).seq_len if model is not None else self.seq_len
         return calibration_tokens(
-            self.source, tokenizer, samples=self.samples, seq_len=self.seq_len, seed=self.seed, model=model
+            self.source, tokenizer, samples=self.samples, seq_len=seq_len, seed=self.seed, model=model
         )
 
     def record(self, tokens: torch.Tensor) -> dict:
@@ -63,7 +84,7 @@ class CalibSpec:
         return {
             "source": self.source,
             "samples": self.samples,
-            "seq_len": self.seq_len,
+            "seq_len": tokens.shape[-1],
             "seed": self.seed,
             "tokens": tokens.numel(),
         }

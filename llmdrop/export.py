@@ -104,11 +104,13 @@ def check_reload(folder: Path, model_class) -> None:
     the meta device: only names and shapes are compared, no weight is read)."""
     from transformers.utils import logging as hf_logging
 
+    from .compat import META_LOAD
+
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the loading report is ours to give
     try:
         logging.disable(logging.WARNING)
-        _, info = model_class.from_pretrained(folder, device_map="meta", output_loading_info=True)
+        _, info = model_class.from_pretrained(folder, output_loading_info=True, **META_LOAD)
     finally:
         logging.disable(logging.NOTSET)
         hf_logging.set_verbosity(level)

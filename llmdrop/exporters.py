@@ -47,9 +47,14 @@ class Exporter:
     name: str = ""
     description: str = ""
 
+    def source_refusal(self, config, base: str) -> str | None:
+        """Why this format cannot hold any drop of a model with this config (attributes read with getattr, so a
+        config.json read as a namespace will do: checked before any model work); None if it may."""
+        return None
+
     def refusal(self, model: nn.Module, adapter: Adapter, plan: DropPlan) -> str | None:
         """Why this format cannot hold ``plan`` applied to ``model``; None if it can."""
-        return None
+        return self.source_refusal(model.config, adapter.model_type)
 
     def apply(self, model: nn.Module, adapter: Adapter, plan: DropPlan) -> None:
         """Turn ``model`` (in place) into the model the checkpoint holds."""
@@ -163,11 +168,16 @@ class NemotronNasExporter(LlmdropExporter):
     BASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # source model_type -> classes used
 
     def refusal(self, model, adapter, plan):
-        config = model.config
-        base = adapter.model_type
+        why = super().refusal(model, adapter, plan)
+        first = plan.kept_layers[0]
+        if not why and (first in plan.attn or first in (getattr(model.config, "drop_attn_list", None) or ())):
+            why = "vLLM's DeciLM layer starts the residual stream in layer 0's attention, which this plan drops"
+        return why
+
+    def source_refusal(self, config, base):
         if base not in self.BASES:
             return f"it holds Llama-family layers only (Llama, Mistral, Qwen2), not {base}"
-        if has_calibration(model):
+        if getattr(config, "attention_calibration", None):
             return "it has no attention calibration"
         if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
             return "its MLP is SiLU-gated without biases"
@@ -178,9 +188,6 @@ class NemotronNasExporter(LlmdropExporter):
         head_dim = getattr(config, "head_dim", None)
         if head_dim and head_dim * config.num_attention_heads != config.hidden_size:
             return "its head size is hidden_size / num_attention_heads"
-        first = plan.kept_layers[0]
-        if first in plan.attn or first in (getattr(config, "drop_attn_list", None) or ()):
-            return "vLLM's DeciLM layer starts the residual stream in layer 0's attention, which this plan drops"
         return None
 
     def code_files(self, model) -> tuple[str, ...]:
@@ -237,6 +244,23 @@ def check_format_name(fmt: str) -> None:
 
     if fmt != "auto" and fmt not in EXPORTERS:
         raise LlmdropError(f"unknown --format {fmt!r}; use auto, {', '.join(EXPORTERS)}")
+
+
+def check_format_for_source(fmt: str, config: dict) -> None:
+    """An explicit ``--format`` that the source's config.json alone rules out, refused before any model work."""
+    from types import SimpleNamespace
+
+    from .arch import adapter_for
+    from .errors import LlmdropError
+
+    check_format_name(fmt)
+    if fmt == "auto" or not config:
+        return
+
+    namespace = SimpleNamespace(**config)
+    why = EXPORTERS[fmt].source_refusal(namespace, adapter_for(namespace).model_type)
+    if why:
+        raise LlmdropError(f"--format {fmt} cannot hold this export: {why}")
 
 
 def choose_exporter(fmt: str, model: nn.Module, adapter: Adapter, plan: DropPlan) -> tuple[Exporter, list[str]]:

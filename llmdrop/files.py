@@ -61,9 +61,32 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check_output_dir(out, overwrite: bool, inputs=()) -> Path:
-    """Refuse an OUT that exists (unless ``overwrite``), is not a folder, or would replace what the command reads:
-    OUT must neither contain nor sit inside any of ``inputs`` (the source checkpoint, a scores file, ...)."""
+# What each kind of file output can be written as (its extension). Plots: whatever matplotlib can save.
+JSON = (".json",)
+MARKDOWN = (".md", ".markdown")
+
+
+def plot_suffixes() -> tuple[str, ...]:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{s}" for s in FigureCanvasBase.get_supported_filetypes())
+
+
+def check_output(
+    out,
+    *,
+    overwrite: bool = False,
+    inputs=(),
+    kind: str = "dir",
+    suffixes: tuple[str, ...] | None = None,
+    option: str = "--out",
+    resume: bool = False,
+) -> Path:
+    """The one check every output goes through, before any model work. Refused: an output equal to, inside, or
+    containing an input (the model, a calibration / scores / task file, the teacher); a folder where a file is
+    written or the reverse; a file name whose extension the writer cannot produce (``suffixes``); an existing
+    output without ``overwrite`` (``resume``: an existing file is read back and extended, e.g. act search's
+    heads.json); a place where nothing can be created."""
     out = Path(out).expanduser()
     resolved = out.resolve()
     for source in inputs:
@@ -74,12 +97,40 @@ def check_output_dir(out, overwrite: bool, inputs=()) -> Path:
             continue
         src = src.resolve()
         if _inside(src, resolved) or _inside(resolved, src):
-            raise LlmdropError(f"the output {out} would overwrite the input {source}; choose another output directory")
-    if out.exists() and not out.is_dir():
+            if kind == "dir":
+                raise LlmdropError(
+                    f"the output {out} would overwrite the input {source}; choose another output directory"
+                )
+            raise LlmdropError(f"{option} {out} would overwrite the input {source}; choose another file name")
+    if kind == "dir" and out.exists() and not out.is_dir():
         raise LlmdropError(f"{out} exists and is not a directory")
-    if out.exists() and not overwrite:
+    check_writable_parent(out)
+    if kind == "file":
+        if out.is_dir() or not out.name:
+            raise LlmdropError(f"{option} {out} is a directory; give a file name")
+        if suffixes is not None and out.suffix.lower() not in suffixes:
+            raise LlmdropError(f"{option} {out}: the file name must end in {', '.join(suffixes)}")
+    if out.exists() and not (overwrite or resume):
         raise LlmdropError(f"{out} already exists; pass --overwrite to replace it")
     return out
+
+
+def check_outputs(outputs: dict, *, overwrite: bool = False, inputs=()) -> None:
+    """``check_output`` for each ``{option: (path, suffixes)}`` file output of one command (None paths: not
+    asked for), and no two of them the same file."""
+    seen = {}
+    for option, (path, suffixes) in outputs.items():
+        if path is None:
+            continue
+        out = check_output(path, overwrite=overwrite, inputs=inputs, kind="file", suffixes=suffixes, option=option)
+        if out.resolve() in seen:
+            raise LlmdropError(f"{option} and {seen[out.resolve()]} name the same file {out}")
+        seen[out.resolve()] = option
+
+
+def check_output_dir(out, overwrite: bool, inputs=()) -> Path:
+    """``check_output`` for a checkpoint (or other) directory."""
+    return check_output(out, overwrite=overwrite, inputs=inputs, kind="dir")
 
 
 def _umask() -> int:
@@ -139,6 +190,23 @@ def atomic_write_text(path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary sibling of ``path`` with the same extension (writers such as matplotlib pick the format by
+    it); on success it replaces ``path``, on any error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".llmdrop-tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from .card import HEAL_PLOT_FILE
 from .data import CalibSpec, check_sizes
 from .errors import LlmdropError
-from .files import atomic_dir, check_output_dir, check_writable_parent, write_json
-from .models import LoadedModel, LoadSpec, ModelArg, as_spec, resolve_source, source_num_layers
+from .files import atomic_dir, check_output_dir, write_json
+from .models import LoadedModel, LoadSpec, ModelArg, as_spec, model_input, resolve_source, source_num_layers
 
 INSTALL_PEFT = "pip install 'llmdrop[heal]'"
 DEFAULT_LR = {"lora": 1e-3, "last": 2e-4, "full": 5e-5}  # per method; see docs/healing.md
@@ -289,6 +289,13 @@ def teacher_spec(record: dict, teacher: ModelArg, student: LoadSpec) -> LoadSpec
             name = src["model"]
         except LlmdropError:
             name = src.get("path") or src["model"]  # e.g. a relative path recorded in another directory
+            try:
+                resolve_source(name, src.get("gguf_file"))
+            except LlmdropError as e:
+                raise LlmdropError(
+                    f"the teacher recorded in the export's llmdrop.json ({src['model']}) cannot be found: {e}; "
+                    "pass the source model with --teacher"
+                ) from None
         spec = LoadSpec(name, gguf_file=src.get("gguf_file"))
     return replace(spec, device=student.device, dtype=student.dtype, trust_remote_code=student.trust_remote_code)
 
@@ -439,14 +446,13 @@ def heal(
             raise LlmdropError(f"{name} must be a positive number, got {value!r}")
     if not (isinstance(eval_split, (int, float)) and 0 <= eval_split < 1):
         raise LlmdropError(f"--eval-split must be in [0, 1), got {eval_split!r}")
-    check_output_dir(out, overwrite, inputs=[folder])
-    check_writable_parent(Path(out))
     record = read_record(folder)
     if method.kind == "last":
         n_student = source_num_layers(str(folder))
         if n_student is not None and method.last > n_student:
             raise LlmdropError(f"--train last:{method.last} asks for more layers than the student has ({n_student})")
     t_spec = None if isinstance(teacher, LoadedModel) else teacher_spec(record, teacher, spec)
+    check_output_dir(out, overwrite, inputs=[folder, model_input(t_spec or teacher), calib.input])
     n_teacher = source_num_layers(t_spec.model, t_spec.gguf_file) if t_spec else None
     if n_teacher is not None and n_teacher != record["source"]["num_layers"]:
         raise LlmdropError(

@@ -108,18 +108,35 @@ def source_identity(source: str | None, gguf_file: str | None = None) -> tuple[s
     return (str(local.resolve()) if local.exists() else path), gguf_file
 
 
-def source_num_layers(source: str | None, gguf_file: str | None = None) -> int | None:
-    """The layer count from a local checkpoint's config.json, before loading anything; None when it cannot be read
-    that cheaply (Hub ids, GGUF files: reading a GGUF's metadata takes seconds): then check right after loading."""
+def source_config(source: str | None, gguf_file: str | None = None) -> dict:
+    """A local checkpoint's config.json, before loading anything; {} when it cannot be read that cheaply (Hub ids,
+    GGUF files: reading a GGUF's metadata takes seconds): then the checks run right after loading."""
     path, gguf = resolve_source(source, gguf_file)
     config = Path(path) / "config.json"
     if gguf or not config.is_file():
-        return None
+        return {}
     try:
-        n = json.loads(config.read_text()).get("num_hidden_layers")
-    except (OSError, ValueError, AttributeError):
-        return None  # the load reports an unreadable config properly
+        d = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}  # the load reports an unreadable config properly
+    return d if isinstance(d, dict) else {}
+
+
+def source_num_layers(source: str | None, gguf_file: str | None = None) -> int | None:
+    """The layer count from a local checkpoint's config.json (None: known only once loaded)."""
+    n = source_config(source, gguf_file).get("num_hidden_layers")
     return n if isinstance(n, int) else None
+
+
+def model_input(model) -> str | None:
+    """The local folder (or GGUF file's folder) a model argument reads, for the output checks; None for a Hub id."""
+    if isinstance(model, LoadedModel):
+        return model.path if Path(model.path).exists() else None
+    try:
+        path, _ = resolve_source(*source_of(model))
+    except LlmdropError:
+        return None  # the load says what is wrong with it
+    return path if Path(path).expanduser().exists() else None
 
 
 def is_llmdrop_export(path: str) -> bool:
@@ -131,6 +148,24 @@ def is_llmdrop_export(path: str) -> bool:
     return model_type.startswith(EXPORT_PREFIX) or (
         model_type == "nemotron-nas" and (Path(path) / "llmdrop.json").is_file()
     )
+
+
+def load_error(source: str, path: str, error: Exception) -> LlmdropError:
+    """One line for a failed load; a bad weights file is named (safetensors' own error names none)."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, SafetensorError) and Path(path).is_dir():
+        from .stream_export import stored_tensors
+
+        try:
+            stored_tensors(path)  # reads every header: names the corrupt or truncated file
+        except LlmdropError as named:
+            return LlmdropError(f"could not load model {source!r}: {named}")
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, SafetensorError):
+        first_line = f"a weights file is corrupt or truncated (SafetensorError: {first_line})"
+    return LlmdropError(f"could not load model {source!r}: {first_line}")
 
 
 def load_model(
@@ -145,6 +180,7 @@ def load_model(
 ) -> LoadedModel:
     """Load model and tokenizer. llmdrop's own exports get ``trust_remote_code`` automatically. ``device_map``
     (e.g. ``"auto"``: accelerate's big-model loading over all GPUs, then the CPU) replaces ``device``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = resolve_source(source, gguf_file)
@@ -161,9 +197,8 @@ def load_model(
             attn_implementation=attn_implementation,
             **kwargs,
         )
-    except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LlmdropError(f"could not load model {source or DEFAULT_MODEL!r}: {first_line}") from e
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise load_error(source or DEFAULT_MODEL, path, e) from e
     model.eval()
     adapter = adapter_for(model.config)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:

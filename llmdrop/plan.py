@@ -49,6 +49,22 @@ class DropPlan:
         m = self.layer_map()
         return [m[i] for i in self.attn], [m[i] for i in self.mlp]
 
+    def without_empty_layers(self, absent: dict) -> "DropPlan":
+        """This plan with every layer it would leave with neither attention nor MLP (one sublayer dropped here, the
+        other gone already in the source export: ``absent``) removed as a whole block instead."""
+        empty = {i for i in self.attn if i in absent.get("mlp", ())} | {
+            i for i in self.mlp if i in absent.get("attn", ())
+        }
+        if not empty:
+            return self
+        return DropPlan(
+            self.num_layers,
+            blocks=[*self.blocks, *empty],
+            attn=[i for i in self.attn if i not in empty],
+            mlp=[i for i in self.mlp if i not in empty],
+            method=self.method,
+        )
+
     def to_dict(self) -> dict:
         return {
             "num_layers": self.num_layers,
@@ -89,8 +105,9 @@ def parse_layers(text: str | None, num_layers: int | None = None) -> list[int]:
     return sorted(set(out))
 
 
-def _lowest(importance: list[float], n: int, exclude: set[int], what: str) -> list[int]:
-    candidates = [i for i in range(len(importance)) if i not in exclude]
+def _lowest(importance: list[float | None], n: int, exclude: set[int], what: str) -> list[int]:
+    # None: a part the model no longer has (an export dropped it already), never a candidate
+    candidates = [i for i in range(len(importance)) if i not in exclude and importance[i] is not None]
     if n > len(candidates):
         raise LlmdropError(f"cannot drop {n} {what}: only {len(candidates)} are left to choose from")
     # ties broken by layer index so the choice is deterministic
@@ -122,8 +139,12 @@ def select(
         _lowest(importance["mlp"], mlp, chosen_blocks | set(mlp_layers), "MLP sublayers")
     )
     if joint:
-        pool = [(importance["attn"][i], i, "attn") for i in range(num_layers) if i not in chosen_blocks | chosen_attn]
-        pool += [(importance["mlp"][i], i, "mlp") for i in range(num_layers) if i not in chosen_blocks | chosen_mlp]
+        pool = [
+            (importance[kind][i], i, kind)
+            for kind, chosen in (("attn", chosen_attn), ("mlp", chosen_mlp))
+            for i in range(num_layers)
+            if i not in chosen_blocks | chosen and importance[kind][i] is not None
+        ]
         if joint > len(pool):
             raise LlmdropError(f"cannot drop {joint} sublayers jointly: only {len(pool)} are left to choose from")
         for _, i, kind in sorted(pool)[:joint]:

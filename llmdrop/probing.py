@@ -19,7 +19,6 @@ it was still the unmanipulated last token).
 """
 
 import json
-import os
 import random
 import re
 import unicodedata
@@ -29,9 +28,9 @@ from pathlib import Path
 import torch
 
 from .errors import LlmdropError
-from .files import write_json
+from .files import JSON, atomic_file, check_outputs, plot_suffixes, write_json
 from .manipulate import KINDS, PREVIOUS_TOKEN_KINDS, Manipulation, capture_layer_inputs, last_logits
-from .models import ModelArg, as_loaded
+from .models import ModelArg, as_loaded, model_input
 from .plan import parse_layers
 
 PROBE_FORMAT = "llmdrop.probe/1"
@@ -280,6 +279,16 @@ def _layers(layers, n: int) -> list[int]:
     return parse_layers(text, n)
 
 
+def _check_outputs(model, out, plot, overwrite, task=None) -> None:
+    """probe / inject: the results JSON and the plot, before any model work."""
+    task_file = task if task and Path(task).exists() else None
+    check_outputs(
+        {"--out": (out, JSON), "--plot": (plot, plot_suffixes() if plot else None)},
+        overwrite=overwrite,
+        inputs=[model_input(model), task_file],
+    )
+
+
 def probe(
     model: ModelArg = None,
     *,
@@ -292,10 +301,12 @@ def probe(
     out: str | None = None,
     plot: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Task accuracy and gold log-prob with each manipulation applied from each layer, plus the baseline."""
     from tqdm.auto import tqdm
 
+    _check_outputs(model, out, plot, overwrite, task)
     kinds = _kinds(manipulation)
     items = load_prompt_task(task, samples, seed)
     if isinstance(layers, str):
@@ -423,6 +434,7 @@ def inject(
     out: str | None = None,
     plot: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Information injection: at each layer k, the word's x^k in ``prompt`` becomes ``donor_word``'s x^k in
     ``donor``. Reports the top next token and the watched answers' log-probs per layer (or, with
@@ -434,6 +446,7 @@ def inject(
             raise LlmdropError("give either --task capitals or --prompt/--word/--donor/--donor-word, not both")
     elif None in (prompt, word, donor, donor_word):
         raise LlmdropError("inject needs --prompt, --word, --donor and --donor-word (or --task capitals)")
+    _check_outputs(model, out, plot, overwrite)
     if isinstance(layers, str):
         parse_layers(layers)
     watch_list = [w.strip() for w in watch.split(",")] if isinstance(watch, str) else list(watch or [])
@@ -549,11 +562,8 @@ def followed_until(result: dict, fraction: float = 0.5) -> int | None:
 
 
 def _save(fig, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keep the suffix: matplotlib picks the format by it
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
 
 
 def plot_probe(result: dict, path) -> None:

@@ -427,8 +427,8 @@ def quantize(
     """
     from .data import CalibSpec
     from .export import strip_gguf_quantization
-    from .files import atomic_dir, check_output_dir, check_writable_parent
-    from .models import as_loaded, as_spec, is_llmdrop_export, source_of
+    from .files import atomic_dir, check_output_dir
+    from .models import as_loaded, as_spec, is_llmdrop_export, model_input
 
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
@@ -441,9 +441,8 @@ def quantize(
         raise LlmdropError(f"--group-size must be a whole number >= 1, got {group_size!r}")
     observer = resolve_observer(observer, method)
     out = Path(out)
-    check_output_dir(out, overwrite, inputs=[source_of(model)[0]])  # before the slow part
-    check_writable_parent(out)
     calib = CalibSpec.of(calib)
+    check_output_dir(out, overwrite, inputs=[model_input(model), calib.input])  # before the slow part
     import_llmcompressor(verbose)
     from datasets import Dataset
     from llmcompressor import oneshot

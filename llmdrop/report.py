@@ -3,6 +3,7 @@
 from rich.console import Console
 from rich.table import Table
 
+from .files import atomic_file
 from .scoring import Scores
 
 # on stderr: stdout stays clean for --json
@@ -10,10 +11,14 @@ console = Console(stderr=True)
 
 
 def scores_table(scores: Scores, plan=None) -> Table:
-    """One row per layer; the lowest (most redundant) values of each kind are highlighted."""
+    """One row per layer; the lowest (most redundant) values of each kind are highlighted; parts an export no
+    longer has are shown as absent."""
     imp = scores.importance
     n = scores.num_layers
-    lowest = {k: set(sorted(range(n), key=lambda i: imp[k][i])[: max(1, n // 4)]) for k in imp}
+    lowest = {
+        k: set(sorted((i for i in range(n) if imp[k][i] is not None), key=lambda i: imp[k][i])[: max(1, n // 4)])
+        for k in imp
+    }
     table = Table(title=f"importance ({scores.metric}) of {scores.model} - lower = more redundant")
     table.add_column("layer", justify="right")
     for kind in ("attn", "mlp", "block"):
@@ -22,7 +27,12 @@ def scores_table(scores: Scores, plan=None) -> Table:
         table.add_column("dropped")
     for i in range(n):
         cells = [
-            f"[green]{imp[k][i]:.4f}[/]" if i in lowest[k] else f"{imp[k][i]:.4f}" for k in ("attn", "mlp", "block")
+            "[dim]absent[/]"
+            if imp[k][i] is None
+            else f"[green]{imp[k][i]:.4f}[/]"
+            if i in lowest[k]
+            else f"{imp[k][i]:.4f}"
+            for k in ("attn", "mlp", "block")
         ]
         if plan is not None:
             cells.append(
@@ -41,7 +51,8 @@ def plot_scores(scores: Scores, path, plan=None) -> None:
     fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
     layers = list(range(scores.num_layers))
     for kind, style in (("attn", "o-"), ("mlp", "s-"), ("block", "^-")):
-        ax.plot(layers, scores.importance[kind], style, markersize=4, label=kind)
+        values = [float("nan") if v is None else v for v in scores.importance[kind]]  # absent parts: a gap
+        ax.plot(layers, values, style, markersize=4, label=kind)
     if plan is not None:
         for kind, color in (("attn", "C0"), ("mlp", "C1"), ("blocks", "C2")):
             for i in getattr(plan, kind):
@@ -55,5 +66,6 @@ def plot_scores(scores: Scores, path, plan=None) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .arch import absent_parts, mask_absent
 from .errors import LlmdropError
 
 FORMAT = "llmdrop.scores/1"
@@ -40,7 +41,9 @@ class Scores:
         return d
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .files import write_json
+
+        write_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path) -> "Scores":
@@ -68,8 +71,9 @@ class Similarity:
     (before, after) pairs, per layer and kind, and the number of tokens seen. Sums of several processes add up
     (``llmdrop.distributed.all_reduce``): the sum of sums, never a mean of means."""
 
-    def __init__(self, num_layers: int, metric: str):
+    def __init__(self, num_layers: int, metric: str, absent: dict | None = None):
         self.metric = metric
+        self.absent = absent or {}  # parts the model no longer has: reported as None
         self.sums = {k: torch.zeros(num_layers, dtype=torch.float64) for k in KINDS}
         self.tokens = 0
 
@@ -81,8 +85,8 @@ class Similarity:
     def importance(self) -> dict:
         means = {k: (v / self.tokens).tolist() for k, v in self.sums.items()}
         if self.metric == "cosine":
-            return {k: [1.0 - m for m in v] for k, v in means.items()}
-        return means  # angular distance already grows with importance
+            means = {k: [1.0 - m for m in v] for k, v in means.items()}  # angular distance grows with importance
+        return mask_absent(means, self.absent)
 
 
 def hook_layer(layer, i: int, adapter, stats: Similarity) -> list:
@@ -133,7 +137,7 @@ def compute_importance(
         raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
     adapter.check_layout(model)
     layers = adapter.layer_list(model)
-    stats = Similarity(len(layers), metric)
+    stats = Similarity(len(layers), metric, absent_parts(model.config))
     handles = [h for i, layer in enumerate(layers) for h in hook_layer(layer, i, adapter, stats)]
 
     from tqdm.auto import tqdm

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .arch import absent_parts, mask_absent
 from .errors import LlmdropError
 from .modeling.modeling_llmdrop import DroppedAttention, DroppedMLP
 from .plan import DropPlan
@@ -109,16 +110,19 @@ def calibration_loss(model, tokens: torch.Tensor, batch_size: int = 1) -> float:
     return perplexity(model, tokens, batch_size=batch_size, progress=False)["nll"]
 
 
-def _eligible(kind: str, num_layers: int, dropped: set) -> list[tuple[str, int]]:
-    """The parts of this kind that are still there (joint: attention and MLP sublayers)."""
+def _eligible(kind: str, num_layers: int, dropped: set, absent: dict | None = None) -> list[tuple[str, int]]:
+    """The parts of this kind that are still there (joint: attention and MLP sublayers): neither chosen already
+    (``dropped``) nor missing from the model (``absent``: an export's own drops; a block that lost one sublayer
+    still has the other)."""
     gone = _parts(dropped)
+    absent = absent or {}
     out = []
     for k in ("attn", "mlp") if kind == "joint" else (kind,):
         for i in range(num_layers):
             if k == "block":
                 if i not in gone["attn"] and i not in gone["mlp"]:
                     out.append((k, i))
-            elif i not in gone[k]:
+            elif i not in gone[k] and i not in absent.get(k, ()):
                 out.append((k, i))
     return out
 
@@ -142,8 +146,10 @@ def loss_search(
     loss_samples: int = DEFAULT_LOSS_SAMPLES,
     batch_size: int = 1,
     progress: bool = True,
+    absent: dict | None = None,
 ) -> tuple[DropPlan, dict]:
-    """Greedy removal by calibration loss; ``importance`` (cosine scores) pre-filters the candidates."""
+    """Greedy removal by calibration loss; ``importance`` (cosine scores) pre-filters the candidates; ``absent``
+    parts (an export's own drops) are never candidates."""
     from tqdm.auto import tqdm
 
     num_layers = len(importance["block"])
@@ -153,7 +159,7 @@ def loss_search(
     # The pools are fixed per request when it starts; their sizes fix the number of evaluations up front.
     pools, plan_sizes, ahead = [], [], set()
     for kind, count in requests:
-        eligible = _eligible(kind, num_layers, ahead)
+        eligible = _eligible(kind, num_layers, ahead, absent)
         k = min(len(eligible), candidates or default_candidates(count))
         if count > k:
             raise LlmdropError(
@@ -173,7 +179,7 @@ def loss_search(
     bar = tqdm(total=evaluations, desc="loss search", unit="eval", disable=not progress)
     try:
         for (kind, count), pool in zip(requests, pools):
-            pool = [p for p in pool if p in _eligible(kind, num_layers, dropped)]
+            pool = [p for p in pool if p in _eligible(kind, num_layers, dropped, absent)]
             if count > len(pool):
                 raise LlmdropError(f"cannot drop {count} {kind} parts by loss: only {len(pool)} candidates are left")
             for _ in range(count):
@@ -280,13 +286,15 @@ def angular_contiguous(
 # --------------------------------------------------------------------------- reverse
 
 
-def reverse(num_layers: int, *, attn: int = 0, mlp: int = 0, blocks: int = 0, joint: int = 0) -> tuple[DropPlan, dict]:
+def reverse(
+    num_layers: int, *, attn: int = 0, mlp: int = 0, blocks: int = 0, joint: int = 0, absent: dict | None = None
+) -> tuple[DropPlan, dict]:
     """The last parts before the final layer: blocks L-2, L-3, ...; then attention / MLP sublayers of the layers
     below, from the top; joint takes sublayers in reverse order of execution (MLP L-2, attention L-2, MLP L-3...).
     The final layer is never chosen."""
     dropped: set = set()
     for kind, count in (("block", blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)):
-        order = [p for p in _eligible(kind, num_layers - 1, dropped)]
+        order = _eligible(kind, num_layers - 1, dropped, absent)
         order.sort(key=lambda p: (-p[1], p[0] == "attn"))  # highest layer first; in a layer, MLP before attention
         if count > len(order):
             raise LlmdropError(
@@ -319,12 +327,14 @@ def choose(
     """The plan of ``selector`` for these counts, and its record. ``importance``: cosine scores (cosine, loss)."""
     counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
     n = loaded.num_layers
+    absent = absent_parts(loaded.model.config)
+    importance = mask_absent(importance, absent) if importance else None  # e.g. scores of an older llmdrop
     if selector == "cosine":
         start = time.perf_counter()
         plan = select_by_scores(importance, **counts)
         return plan, {"selector": "cosine", "seconds": round(time.perf_counter() - start, 3)}
     if selector == "reverse":
-        return reverse(n, **counts)
+        return reverse(n, **counts, absent=absent)
     if selector == "angular-contiguous":
         return angular_contiguous(
             loaded.model, loaded.adapter, tokens, blocks, batch_size=batch_size, progress=progress
@@ -340,6 +350,7 @@ def choose(
             loss_samples=loss_samples,
             batch_size=batch_size,
             progress=progress,
+            absent=absent,
         )
     raise LlmdropError(f"unknown --select {selector!r}; use {', '.join(SELECTORS)}")
 

@@ -18,6 +18,7 @@ import errno
 import inspect
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,21 @@ ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 DISK_MODULE_NAMES = {"block_sparse_moe": "mlp"}  # Mixtral's sparse-MoE block
 
 
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's (decimal) units
+
+
+def parse_shard_size(value: str | int) -> int:
+    """``--max-shard-size`` in bytes: a whole number of bytes or a size like 5GB / 500MB / 1.5GB (KB, MB, GB, TB)."""
+    text = str(value).strip().upper()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)?", text)
+    size = int(float(match[1]) * SIZE_UNITS.get(match[2], 1)) if match else 0
+    if size < 1:
+        raise LlmdropError(
+            f"--max-shard-size must be a positive size such as 5GB, 500MB or a number of bytes, got {value!r}"
+        )
+    return size
+
+
 def default_max_shard_size():
     """transformers' own default for ``save_pretrained(max_shard_size=)``."""
     from transformers import PreTrainedModel
@@ -68,17 +84,28 @@ class StoredTensor:
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
-    """The tensors of one .safetensors file (names, dtypes, shapes, where their bytes are), reading only its header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, entry in header.items():
-        if entry["dtype"] not in ST_DTYPES:
-            raise LlmdropError(f"{path}: tensor {name} has dtype {entry['dtype']}, which llmdrop cannot stream")
-        begin, end = entry["data_offsets"]
-        tensors[name] = StoredTensor(path, 8 + n + begin, end - begin, ST_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    """The tensors of one .safetensors file (names, dtypes, shapes, where their bytes are), reading only its header;
+    a file whose header is unreadable or whose tensors run past its end is refused, naming the file."""
+    size = Path(path).stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"its header claims {n:,} bytes of a {size:,}-byte file")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in ST_DTYPES:
+                raise LlmdropError(f"{path}: tensor {name} has dtype {entry['dtype']}, which llmdrop cannot stream")
+            begin, end = entry["data_offsets"]
+            if not 0 <= begin <= end <= size - 8 - n:
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            tensors[name] = StoredTensor(
+                path, 8 + n + begin, end - begin, ST_DTYPES[entry["dtype"]], tuple(entry["shape"])
+            )
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LlmdropError(f"{path} is not a valid safetensors file (corrupt or truncated: {e})") from None
     return tensors
 
 

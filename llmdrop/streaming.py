@@ -24,9 +24,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import absent_parts
 from .distributed import all_reduce
 from .errors import LlmdropError
-from .models import LoadedModel, LoadSpec, is_llmdrop_export, resolve_device, resolve_dtype, resolve_source
+from .models import (
+    LoadedModel,
+    LoadSpec,
+    is_llmdrop_export,
+    load_error,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
 from .scoring import METRICS, Similarity, batch_starts, hook_layer
 from .stream_export import DISK_MODULE_NAMES, safetensors_files, stored_tensors
 
@@ -107,6 +116,7 @@ def load_skeleton(spec: LoadSpec, *, device: str = "meta") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .arch import adapter_for
+    from .compat import META_LOAD
 
     folder = weights_folder(spec)
     path, _ = resolve_source(spec.model, spec.gguf_file)
@@ -116,13 +126,12 @@ def load_skeleton(spec: LoadSpec, *, device: str = "meta") -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=resolve_dtype(spec.dtype),
-            device_map="meta",
             attn_implementation=spec.attn_implementation,
+            **META_LOAD,
             trust_remote_code=trust,
         )
     except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LlmdropError(f"could not load model {spec.model!r}: {first_line}") from e
+        raise load_error(spec.model, path, e) from e
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -232,7 +241,7 @@ def stream_importance(
     layers = getattr(parent, attr)
     n = len(layers)
     starts = batch_starts(len(tokens), batch_size)
-    stats = Similarity(n, metric)
+    stats = Similarity(n, metric, absent_parts(loaded.model.config))
 
     # 1. the model's own forward up to the first layer, once per batch: layer-0 inputs (kept on the CPU) and each
     # layer's arguments (they depend only on the batch's shape: no padding mask is ever passed)

@@ -166,7 +166,7 @@ def test_counts_of_a_source_without_config_are_checked_before_scoring(tiny, tmp_
     calls = []
     model = tiny_model("llama", N)
     loaded = LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "org/name", "org/name")
-    monkeypatch.setattr(llmdrop.api, "source_num_layers", lambda *a: None)
+    monkeypatch.setattr(llmdrop.api, "source_config", lambda *a: {})
     monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load") or loaded)
     monkeypatch.setattr(llmdrop.api, "compute_importance", lambda *a, **k: calls.append("score"))
     with pytest.raises(LlmdropError) as e:
