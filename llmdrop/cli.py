@@ -1,10 +1,15 @@
 """`llmdrop <verb>`: thin Typer commands over llmdrop.api. Errors are one line on stderr (traceback with --debug)."""
 
+import contextlib
 import functools
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
+import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -123,9 +128,28 @@ def calib_options(fn):
     return _with_options(fn, _CALIB_OPTIONS, build)
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, job schedulers, container stops), handled like Ctrl-C: temporary folders are removed
+    and nothing half-written is left."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """One error line, from rank 0 only under torchrun (every rank meets the same bad input); torchrun's own report
+    of the failed ranks shows it too (TORCHELASTIC_ERROR_FILE) instead of a link to enable tracebacks."""
+    from .distributed import launched_by_torchrun
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"error: {message}", err=True)
+        if launched_by_torchrun() and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            info = {"py_callstack": f"error: {message}", "timestamp": str(int(time.time()))}  # torch's own format
+            error = {"message": f"llmdrop: {message}", "extraInfo": info}
+            with contextlib.suppress(OSError):
+                Path(os.environ["TORCHELASTIC_ERROR_FILE"]).write_text(json.dumps({"message": error}))
+    raise typer.Exit(code)
 
 
 def cli_errors(fn):
@@ -137,6 +161,8 @@ def cli_errors(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except Terminated:
+            _fail("terminated (SIGTERM); nothing was written", 128 + signal.SIGTERM)
         except KeyboardInterrupt:
             _fail("interrupted")
         except Exception as e:  # noqa: BLE001 - anything else is reported the same way, with a hint
@@ -154,8 +180,13 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+# The verbs that split their work over torchrun's ranks; the others would only run N times over, each rank writing.
+DISTRIBUTED_VERBS = ("score",)
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
@@ -165,6 +196,15 @@ def main(
 ):
     if debug:
         _state["debug"] = True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and ctx.invoked_subcommand not in DISTRIBUTED_VERBS:
+        _fail(
+            f"llmdrop {ctx.invoked_subcommand} does not run under torchrun (only {', '.join(DISTRIBUTED_VERBS)} "
+            "splits its work over the ranks): run it as one process"
+        )
 
 
 @app.command("score")
@@ -179,6 +219,14 @@ def score_cmd(
     batch_size: BatchSize = 1,
     stream: Stream = False,
     device_map: DeviceMap = None,
+    nproc_per_node: Annotated[
+        int,
+        typer.Option(
+            "--nproc-per-node",
+            help="Score on N processes of this machine (torchrun's --standalone launch, one GPU each when there are "
+            "any); a failed rank ends in one error line and its exit code.",
+        ),
+    ] = 1,
     overwrite: Overwrite = False,
     json_out: Json = False,
     calib=None,
@@ -189,13 +237,16 @@ def score_cmd(
 
     Example: `llmdrop score ./Llama-3-70B --stream --calib wiki.txt -o scores.json` (one layer in memory at a time)
 
-    Example: `torchrun --nproc-per-node 8 -m llmdrop score ./Llama-3-70B --calib wiki.txt -o scores.json` (each rank
-    scores its share of the calibration blocks; rank 0 writes)
+    Example: `llmdrop score ./Llama-3-70B --nproc-per-node 8 --calib wiki.txt -o scores.json` (each rank scores its
+    share of the calibration blocks; rank 0 writes; `torchrun --nproc-per-node 8 -m llmdrop score ...` does the same
+    and is how to run on several nodes)
     """
     from . import api
-    from .distributed import is_main
+    from .distributed import is_main, launch, launched_by_torchrun
     from .report import console, scores_table
 
+    if nproc_per_node > 1 and not launched_by_torchrun():
+        raise typer.Exit(launch(nproc_per_node, sys.argv[1:]))  # the ranks run this very command line
     scores = api.score(
         model,
         calib=calib,
@@ -350,13 +401,21 @@ def drop_cmd(
     )
     record = json.loads((path / "llmdrop.json").read_text())
     exported = record["exported"]
+    gone = record.get("already_dropped")
     if json_out:
-        typer.echo(json.dumps({"out": str(path), "plan": plan.to_dict(), "format": exported["format"]}, indent=2))
+        result = {"out": str(path), "plan": plan.to_dict(), "format": exported["format"]}
+        typer.echo(json.dumps({**result, "already_dropped": gone} if gone else result, indent=2))
     else:
         from .select import describe_records
 
         for line in describe_records(record.get("selection"), record.get("compensation")):
             console.print(line, soft_wrap=True)
+        if gone:
+            console.print(
+                f"the source export had dropped attention {gone['attn']} and MLP {gone['mlp']} already (not chosen "
+                "again; the numbers below are this run's)",
+                soft_wrap=True,
+            )
         why = f" ({'; '.join(exported['format_reason'])})" if exported.get("format_reason") else ""
         console.print(
             f"dropped {plan.describe()} (source layers: blocks {plan.blocks}, attn {plan.attn}, "

@@ -4,12 +4,11 @@ torchrun starts N copies of the command and tells each its rank through the envi
 LOCAL_RANK, MASTER_ADDR/PORT); multi-node runs use torchrun's own rendezvous (``--nnodes``, ``--rdzv-endpoint``).
 Each rank scores every WORLD_SIZE-th calibration batch (in memory or streamed), the float64 sums and the token
 counts are summed over the ranks (the sum of sums, not a mean of means), and rank 0 alone writes files and prints.
-Backend: NCCL when the ranks use CUDA devices, gloo on CPUs; the code path is the same.
+Backend: NCCL when the ranks use CUDA devices, gloo on CPUs; the code path is the same. torch is imported inside the
+functions: the CLI asks ``launched_by_torchrun`` before every verb, ``--help`` included.
 """
 
 import os
-
-import torch
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -27,6 +26,7 @@ def launched_by_torchrun() -> bool:
 
 def setup() -> None:
     """Join torchrun's process group (once); each rank gets its own CUDA device when there are any."""
+    import torch
     import torch.distributed as dist
 
     if not launched_by_torchrun() or dist.is_initialized():
@@ -41,6 +41,8 @@ def setup() -> None:
 
 def device_for_rank(device: str) -> str:
     """``auto`` / ``cuda`` mean this rank's own GPU under torchrun."""
+    import torch
+
     if launched_by_torchrun() and torch.cuda.is_available() and device in ("auto", "cuda"):
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
@@ -52,6 +54,7 @@ def is_main() -> bool:
 
 def all_reduce(stats) -> None:
     """Sum the scoring collector's float64 sums and token count over the ranks, in place (no-op on one process)."""
+    import torch
     import torch.distributed as dist
 
     if rank_and_world()[1] == 1:
@@ -67,3 +70,32 @@ def all_reduce(stats) -> None:
     for j, k in enumerate(kinds):
         stats.sums[k] = flat[j * n : (j + 1) * n].clone()
     stats.tokens = int(flat[-1].item())
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``llmdrop ARGV`` on ``nproc`` processes of this machine, as ``torchrun --standalone --nproc-per-node`` starts
+    them, and their exit code: rank 0 alone prints, and a failed rank ends in its exit code, not in torch's launcher
+    report and traceback (which torchrun itself always prints)."""
+    import logging
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "llmdrop", *argv)
+    except ChildFailedError as e:
+        return e.get_first_failure()[1].exitcode or 1
+    return 0

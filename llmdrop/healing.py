@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -300,9 +301,16 @@ def teacher_spec(record: dict, teacher: ModelArg, student: LoadSpec) -> LoadSpec
     return replace(spec, device=student.device, dtype=student.dtype, trust_remote_code=student.trust_remote_code)
 
 
-def check_pair(student: LoadedModel, teacher: LoadedModel, record: dict) -> None:
+# A drop copies the kept layers' weight matrices; compensation (one matrix per dropped run), healing and a dtype cast
+# move them by a few percent at most. Those of an unrelated model of the same shapes are about sqrt(2) apart
+# (independent, same scale). Norm weights are left out: they start at 1 in every model.
+UNRELATED_DISTANCE = 0.5
+
+
+def check_pair(student: LoadedModel, teacher: LoadedModel, record: dict) -> float:
     """One clear line if ``student`` is not a drop of ``teacher``: the layer count recorded, the architecture, the
-    vocabulary, and every kept layer's weights present in the teacher's layer it came from with the same shapes."""
+    vocabulary, and every kept layer's weights present in the teacher's layer it came from with the same shapes.
+    Returns the median relative distance ||student - teacher|| / ||teacher|| of the kept layers' weight matrices."""
     who = f"the student {student.source} is not a drop of the teacher {teacher.source}"
     n_source = record["source"]["num_layers"]
     if teacher.num_layers != n_source:
@@ -321,6 +329,7 @@ def check_pair(student: LoadedModel, teacher: LoadedModel, record: dict) -> None
     s_layers, t_layers = student.adapter.layer_list(student.model), teacher.adapter.layer_list(teacher.model)
     if len(layer_map) != len(s_layers):
         raise LlmdropError(f"{who}: llmdrop.json maps {len(layer_map)} layers, the student has {len(s_layers)}")
+    distances = []
     for i, layer in enumerate(s_layers):
         source = dict(t_layers[layer_map[i]].named_parameters())
         for name, p in layer.named_parameters():
@@ -329,6 +338,10 @@ def check_pair(student: LoadedModel, teacher: LoadedModel, record: dict) -> None
                 raise LlmdropError(
                     f"{who}: layer {i}.{name} has shape {tuple(p.shape)}, source layer {layer_map[i]}'s {shape}"
                 )
+            if p.ndim >= 2:
+                t = source[name].detach().float()
+                distances.append(((p.detach().float() - t).norm() / t.norm().clamp_min(1e-12)).item())
+    return statistics.median(distances) if distances else 0.0
 
 
 # --------------------------------------------------------------------------- saving
@@ -468,7 +481,17 @@ def heal(
     save_dtype = stored_dtype(folder)
     s_loaded = replace(spec, dtype=dtype).load()
     t_loaded = teacher if t_spec is None else replace(t_spec, dtype=dtype).load()  # a loaded teacher is used as is
-    check_pair(s_loaded, t_loaded, record)
+    distance = check_pair(s_loaded, t_loaded, record)
+    if distance > UNRELATED_DISTANCE:
+        from .report import console
+
+        console.print(
+            f"warning: the student's layers are {distance:.2f} (relative) away from the teacher's layers they were cut "
+            f"from, far more than a drop, compensation or healing moves them: is {t_loaded.source} the model "
+            f"{spec.model} was cut from? (--teacher)",
+            soft_wrap=True,
+            markup=False,
+        )
     tokens = calib.tokens(t_loaded.tokenizer, t_loaded.model)  # `self`: sampled from the teacher
     train_tokens, heldout = split_heldout(tokens, eval_split, calib.seed)
     if steps is None:
@@ -521,7 +544,12 @@ def heal(
             else {}
         ),
         "trainable_parameters": n_trainable,
-        "teacher": {"model": t_loaded.source, "path": t_loaded.path, "gguf_file": t_loaded.gguf_file},
+        "teacher": {
+            "model": t_loaded.source,
+            "path": t_loaded.path,
+            "gguf_file": t_loaded.gguf_file,
+            "weight_distance": round(distance, 6),
+        },
         "data": {**calib.record(tokens), "eval_split": eval_split, "train_samples": len(train_tokens)},
         "loss": "KL(teacher || student) per token, times T^2",
         "temperature": temperature,

@@ -95,6 +95,34 @@ def resolve_source(source: str | None, gguf_file: str | None = None) -> tuple[st
     return source, None
 
 
+def check_hub_source(repo_id: str, source: str) -> None:
+    """A Hub id that is not in the local Hugging Face cache needs the Hub: when it cannot be reached, say so at once
+    (transformers would retry for about a minute first). Checked right before a load, never for local folders."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from .hub import endpoint
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # cached: transformers falls back to it
+    except ValueError:  # not a valid repo id: transformers' own message says why
+        return
+    where = f"{source!r} is not a local folder, and it is not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise LlmdropError(f"{where} (HF_HUB_OFFLINE is set); check the path")
+    url = urlparse(endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise LlmdropError(
+            f"{where}, and the Hub ({endpoint()}) cannot be reached to fetch it ({e.strerror or e}); check the path "
+            "or the network"
+        ) from None
+
+
 def source_identity(source: str | None, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(resolved directory or Hub id, GGUF file name): the same for every spelling of one model (relative or
     absolute path, the builtin alias or its .gguf file). A source that does not resolve here is kept as typed
@@ -185,6 +213,8 @@ def load_model(
 
     path, gguf = resolve_source(source, gguf_file)
     torch_device = resolve_device(device)
+    if not Path(path).exists():
+        check_hub_source(path, source)
     kwargs = {"gguf_file": gguf} if gguf else {}
     trust = trust_remote_code or is_llmdrop_export(path)
     try:

@@ -30,6 +30,7 @@ from .errors import LlmdropError
 from .models import (
     LoadedModel,
     LoadSpec,
+    check_hub_source,
     is_llmdrop_export,
     load_error,
     resolve_device,
@@ -87,6 +88,7 @@ def weights_folder(spec: LoadSpec) -> Path:
         raise LlmdropError("a GGUF file cannot be streamed (it is dequantized whole on load); leave out --stream")
     folder = Path(path)
     if not folder.exists():  # a Hub id: the files it needs, as transformers would download them
+        check_hub_source(path, spec.model)
         try:
             from huggingface_hub import snapshot_download
 

@@ -4,6 +4,9 @@ refused after it (a non-finite perplexity). Every refusal is one exact error lin
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,10 +156,30 @@ def test_builtin_alias_is_its_gguf_file():
             ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--format", "gguf"],
             "unknown --format 'gguf'; use auto, vanilla, nemotron-nas, llmdrop",
         ),
+        *(
+            (
+                ["drop", "{tiny}", "-o", "{out}", "--block-layers", 1, "--max-shard-size", size],
+                f"--max-shard-size must be a positive size such as 5GB, 500MB or a number of bytes, got {size!r}",
+            )
+            for size in ("abc", "0", "-5GB", "5 parsecs")
+        ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--blocks", 1, "--compensate", "linear", "--max-shard-size", "1MB"],
+            "--max-shard-size applies to exports copied from safetensors files; --compensate / --iterative change the "
+            "weights in memory",
+        ),
+        (
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--seq-len", 1000],
+            "--seq-len 1000 is longer than the model's 256 positions (max_position_embeddings)",
+        ),
+        (
+            ["score", "{tiny}", "--calib", "{text}", "--seq-len", 257],
+            "--seq-len 257 is longer than the model's 256 positions (max_position_embeddings)",
+        ),
     ],
 )
 def test_impossible_requests_fail_before_any_model_work(tiny, tmp_path, no_model_work, args, message):
-    fill = {"tiny": tiny, "out": tmp_path / "out"}
+    fill = {"tiny": tiny, "out": tmp_path / "out", "text": tiny.parent / "text.txt"}
     assert error_line(*[str(a).format(**fill) for a in args]) == f"error: {message}"
     assert no_model_work == [] and not (tmp_path / "out").exists()
 
@@ -318,3 +341,75 @@ def test_saving_a_nan_result_is_refused(tmp_path):
     ):
         save_eval_result(tmp_path, result)
     assert not (tmp_path / "eval_results.json").exists()
+
+
+def test_a_format_the_source_rules_out_is_refused_before_any_model_work(tmp_path, no_model_work):
+    tiny_model("gemma2", 4).save_pretrained(tmp_path / "gemma")
+    assert error_line("drop", tmp_path / "gemma", "-o", tmp_path / "out", "--attn", 1, "--format", "nemotron-nas") == (
+        "error: --format nemotron-nas cannot hold this export: it holds Llama-family layers only (Llama, Mistral, "
+        "Qwen2), not gemma2"
+    )
+
+
+def test_the_default_seq_len_is_cut_to_the_model(tiny, tmp_path):
+    """Only an explicit --seq-len beyond max_position_embeddings is refused; text calibration's default (2048) is cut
+    to the model's 256 positions."""
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(
+        app, ["score", str(tiny), "--calib", str(tiny.parent / "text.txt"), "--samples", 2, "-o", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["calibration"]["seq_len"] == 256
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_weights_file_is_named(tiny, tmp_path, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"\x13\x37" * 500 if damage == "garbage" else data[: len(data) // 2])
+    line = error_line("score", broken, "--device", "cpu")
+    assert line.startswith(f"error: could not load model '{broken}': {weights} is not a valid safetensors file"), line
+    assert "(corrupt or truncated" in line
+
+
+def test_an_unreachable_hub_is_said_at_once(tmp_path, monkeypatch):
+    """A name that is no local folder is a Hub id: neither cached nor reachable, it fails at once (transformers would
+    retry for about a minute)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert error_line("drop", "m/llama", "-o", "out", "--attn", 1) == (
+        "error: 'm/llama' is not a local folder, and it is not in the Hugging Face cache, and the Hub "
+        "(http://127.0.0.1:9) cannot be reached to fetch it (Connection refused); check the path or the network"
+    )
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert error_line("score", "m/llama") == (
+        "error: 'm/llama' is not a local folder, and it is not in the Hugging Face cache (HF_HUB_OFFLINE is set); "
+        "check the path"
+    )
+
+
+def test_sigterm_is_handled_like_ctrl_c(tiny, tmp_path):
+    """kill / timeout / schedulers send SIGTERM: one line, exit 143, no temporary folder left, nothing written."""
+    script = (
+        "import os, signal, sys, llmdrop.api as api\n"
+        "def slow(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"  # the signal arrives while the export is being written
+        "    raise AssertionError('SIGTERM was not raised')\n"
+        "api.export.__globals__['check_reload'] = slow\n"
+        "from llmdrop.cli import app\n"
+        "sys.exit(app(prog_name='llmdrop'))\n"
+    )
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-c", script, "drop", str(tiny), "-o", str(out), "--block-layers", "1", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 143, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM); nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -70,6 +70,42 @@ def test_torchrun_two_ranks_equal_one_process(source, tmp_path, stream):
         assert two["importance"][kind] == pytest.approx(one["importance"][kind], abs=1e-7, rel=0)
 
 
+def test_llmdrop_launches_its_own_ranks(source, tmp_path):
+    """`llmdrop score --nproc-per-node 2` is torchrun --standalone: the same scores, written once; a bad input is one
+    line and exit 1, without torch's launcher report."""
+    folder, calib = source
+    llmdrop = str(Path(sys.executable).parent / "llmdrop")
+    args = ["score", str(folder), "--calib", str(calib), "--nproc-per-node", "2", *CALIB, "--stream"]
+    two = run(llmdrop, *args, "-o", "two.json", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (two.stderr + two.stdout).count("wrote two.json") == 1
+    one = score(
+        LoadSpec(str(folder), device="cpu"), calib=CalibSpec(str(calib), samples=7, seq_len=16), batch_size=2
+    ).to_dict()
+    two = json.loads((tmp_path / "two.json").read_text())
+    for kind in ("attn", "mlp", "block"):
+        assert two["importance"][kind] == pytest.approx(one["importance"][kind], abs=1e-7, rel=0)
+    bad = run(llmdrop, *args, "--samples", "0", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["error: --samples must be a whole number >= 1, got 0"]
+
+
+def test_torchrun_refuses_the_verbs_that_do_not_split(source, tmp_path):
+    """Every rank would write OUT: refused, with the error line printed once (rank 0); torchrun's own report of the
+    failed ranks follows (it always prints one) and carries the same line."""
+    folder, _ = source
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    r = run(torchrun, "--nproc-per-node", "2", "--master-port", "29503", "-m", "llmdrop", "drop", str(folder),
+            "-o", "out", "--attn", "1", cwd=tmp_path)  # fmt: skip
+    message = (
+        "llmdrop drop does not run under torchrun (only score splits its work over the ranks): run it as one process"
+    )
+    assert r.returncode == 1
+    assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == [f"error: {message}"]
+    assert f"traceback : error: {message}" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_ranks_take_disjoint_shares(monkeypatch):
     shares = []
     for rank in range(3):

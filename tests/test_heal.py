@@ -7,6 +7,7 @@ loading without peft and without llmdrop) and the refusals.
 import copy
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,29 @@ def test_bad_inputs_give_one_error_line(workdir, other_teachers, args, message):
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
     assert errors == [lines[-1]] and lines[-1].startswith("error: ") and message.format(**fill) in lines[-1], lines
     assert not out.exists()
+
+
+def test_a_recorded_teacher_that_is_gone_points_to_teacher(workdir, tmp_path):
+    shutil.copytree(workdir / "src", tmp_path / "moved-src")
+    loaded = load_model(str(tmp_path / "moved-src"), device="cpu")
+    export(loaded, DropPlan(N, blocks=[2]), tmp_path / "exp")
+    shutil.rmtree(tmp_path / "moved-src")
+    result = invoke("heal", tmp_path / "exp", "-o", tmp_path / "out", "--train", "full")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the teacher recorded in the export's llmdrop.json ({tmp_path / 'moved-src'}) cannot be found: no such "
+        f"directory: {tmp_path / 'moved-src'}; pass the source model with --teacher"
+    )
+
+
+@pytest.mark.parametrize("teacher, warned", [("src", False), ("unrelated", True)])
+def test_an_unrelated_teacher_of_the_same_shapes_is_warned_about(workdir, tmp_path, teacher, warned):
+    if teacher == "unrelated":
+        save(tiny_model("llama", N, seed=7), tmp_path / "unrelated")
+    folder = workdir / "src" if teacher == "src" else tmp_path / "unrelated"
+    args = ["--train", "full", "--steps", 1, "--calib", workdir / "text.txt", "--samples", 4, "--seq-len", 16]
+    result = invoke("heal", workdir / "vanilla", "-o", tmp_path / "out", "--teacher", folder, *args)
+    assert result.exit_code == 0, result.output
+    distance = json.loads((tmp_path / "out" / "llmdrop.json").read_text())["healing"][-1]["teacher"]["weight_distance"]
+    assert ("warning: the student's layers are" in result.stderr) is warned
+    assert distance > 1.0 if warned else distance == 0.0  # the vanilla drop copies the kept layers bit for bit
