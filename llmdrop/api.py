@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .arch import absent_parts, mask_absent
-from .data import CalibSpec, check_sizes, load_texts, tokens_from_texts
+from .data import CalibSpec, check_seq_len, check_sizes, load_texts, max_positions, tokens_from_texts
 from .errors import LlmdropError
 from .export import export
 from .exporters import check_format_for_source, check_format_name
@@ -32,6 +32,7 @@ from .scoring import Scores, compute_importance
 from .surgery import drop_sublayers
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
+DEFAULT_EVAL_SEQ_LEN = 512
 
 __all__ = [
     "LoadSpec",
@@ -487,7 +488,7 @@ def evaluate(
     model: ModelArg = None,
     *,
     text: str | None = None,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     samples: int | None = None,
     seed: int = 0,
     batch_size: int = 1,
@@ -498,7 +499,8 @@ def evaluate(
     limit: float | None = None,
     include_path: str | None = None,
 ) -> dict:
-    """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop).
+    """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop), in blocks of
+    ``seq_len`` tokens (default: 512, or the model's positions if it has fewer).
 
     ``tasks`` (names, or one comma-separated string) runs lm-evaluation-harness tasks instead (``llmdrop.harness``:
     lm-eval 0.4.x, ``pip install 'llmdrop[eval]'``), with ``num_fewshot``, ``limit`` (documents per task, or a
@@ -548,7 +550,12 @@ def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> di
 
     text_path = text or DEFAULT_EVAL_TEXT
     texts = load_texts(text_path)  # a bad text file fails before the model loads
+    if seq_len is not None:
+        check_seq_len(seq_len, _config_of(model))
     loaded = as_loaded(model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_EVAL_SEQ_LEN, max_positions(loaded.model.config) or DEFAULT_EVAL_SEQ_LEN)
+    check_seq_len(seq_len, loaded.model.config)
     tokens = tokens_from_texts(
         texts, loaded.tokenizer, samples=samples, seq_len=seq_len, seed=seed, purpose="evaluation"
     )

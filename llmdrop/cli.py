@@ -443,7 +443,12 @@ def eval_cmd(
             show_default=False,
         ),
     ] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per block.")] = 512,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seq-len", help="Tokens per block [default: 512, or the model's positions if fewer].", show_default=False
+        ),
+    ] = None,
     samples: Annotated[
         Optional[int],
         typer.Option(help="Use only this many blocks (seeded choice) [default: all].", show_default=False),

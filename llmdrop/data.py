@@ -31,6 +31,27 @@ def check_sizes(*, samples=None, seq_len=None, batch_size=None) -> None:
             raise LlmdropError(f"{name} must be a whole number >= {least}, got {value!r}")
 
 
+def max_positions(config) -> int | None:
+    """``max_position_embeddings`` of a loaded config or a config.json dict (None: unknown, e.g. before a GGUF load)."""
+    if not config:
+        return None
+    limit = (
+        config.get("max_position_embeddings")
+        if isinstance(config, dict)
+        else getattr(config, "max_position_embeddings", None)
+    )
+    return limit if isinstance(limit, int) else None
+
+
+def check_seq_len(seq_len: int, config) -> None:
+    """Refuse blocks longer than the positions the model was trained for."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise LlmdropError(
+            f"--seq-len {seq_len} is longer than the model's {limit} positions (max_position_embeddings)"
+        )
+
+
 @dataclass(frozen=True)
 class CalibSpec:
     """Which calibration text and how much of it: what score, drop and quantize take as ``calib`` (a plain
@@ -56,17 +77,14 @@ class CalibSpec:
         )
 
     def fitted(self, config) -> "CalibSpec":
-        """Refuse a --seq-len beyond the positions the model was trained for (``max_position_embeddings`` of a
-        config or config.json dict); the default length is cut to them instead."""
-        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-        limit = get("max_position_embeddings") if config else None
-        if not isinstance(limit, int) or self.seq_len is None or self.seq_len <= limit:
+        """This calibration for a model with ``config``: an explicit --seq-len beyond its positions is refused, the
+        default length is cut to them."""
+        limit = max_positions(config)
+        if limit is None or self.seq_len is None or self.seq_len <= limit:
             return self
         if not self.seq_len_given:
             return replace(self, seq_len=limit)
-        raise LlmdropError(
-            f"--seq-len {self.seq_len} is longer than the model's {limit} positions (max_position_embeddings)"
-        )
+        check_seq_len(self.seq_len, config)
 
     @property
     def input(self) -> str | None:

@@ -96,6 +96,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     )
     try:
         elastic_launch(config, sys.executable)("-m", "llmdrop", *argv)
-    except ChildFailedError as e:
-        return e.get_first_failure()[1].exitcode or 1
+    except ChildFailedError as e:  # ranks stopped by the launcher after another failed have negative codes
+        codes = [f.exitcode for _, f in sorted(e.failures.items()) if f.exitcode > 0]
+        return codes[0] if codes else 1
     return 0

@@ -176,6 +176,10 @@ def test_builtin_alias_is_its_gguf_file():
             ["score", "{tiny}", "--calib", "{text}", "--seq-len", 257],
             "--seq-len 257 is longer than the model's 256 positions (max_position_embeddings)",
         ),
+        (
+            ["eval", "{tiny}", "--seq-len", 300],
+            "--seq-len 300 is longer than the model's 256 positions (max_position_embeddings)",
+        ),
     ],
 )
 def test_impossible_requests_fail_before_any_model_work(tiny, tmp_path, no_model_work, args, message):
