@@ -432,10 +432,10 @@ def act_apply(
     """Export ``model`` with the heads of ``heads`` calibrated (config.json ``attention_calibration`` + remote
     code); attention / MLP sublayers in ``attn_layers`` / ``mlp_layers`` are dropped too. A MODEL that is an
     llmdrop export keeps its drops. Layer numbers are MODEL's."""
-    from .api import as_layers
     from .export import export
     from .files import check_output_dir
     from .plan import DropPlan
+    from .request import layers as as_layers
 
     spec = load_heads(heads)
     check_output_dir(out, overwrite, inputs=[model_input(model), heads])

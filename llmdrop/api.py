@@ -5,15 +5,16 @@ it) or an already loaded model; calibration is a source string or a ``CalibSpec`
 pipeline stages; the verbs of the analysis commands live in their own modules and are re-exported here.
 """
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from .arch import absent_parts, mask_absent
+from .compensate import check_supported, compensate_linear
 from .data import CalibSpec, check_seq_len, check_sizes, load_texts, max_positions, tokens_from_texts
 from .errors import LlmdropError
 from .export import export
-from .exporters import check_format_for_source, check_format_name
 from .files import JSON, check_output_dir, check_outputs, check_writable_parent, plot_suffixes
 from .models import (
     DEFAULT_MODEL,
@@ -27,9 +28,11 @@ from .models import (
     source_identity,
     source_of,
 )
-from .plan import DropPlan, parse_layers, select
-from .scoring import Scores, compute_importance
-from .surgery import drop_sublayers
+from .plan import DropPlan
+from .request import DropRequest
+from .runner import is_streamed
+from .scoring import Scores
+from .selectors import selector
 
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
 DEFAULT_EVAL_SEQ_LEN = 512
@@ -51,12 +54,6 @@ __all__ = [
     "act_eval",
     "act_apply",
 ]
-
-
-def as_layers(value, num_layers: int) -> list[int]:
-    """A CLI string ('3,5,20-29') or a Python list of layers, checked against the model."""
-    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-    return parse_layers(text, num_layers)
 
 
 def score(
@@ -94,21 +91,17 @@ def score(
     if not isinstance(model, LoadedModel) and not device_map:  # under torchrun: this rank's own GPU
         model = replace(as_spec(model), device=device_for_rank(as_spec(model).device))
     if stream:
-        from .streaming import check_streamable, load_skeleton, stream_importance
+        from .streaming import check_streamable, load_skeleton
 
-        spec = check_streamable(model, calib)
-        loaded = load_skeleton(spec)
+        loaded = load_skeleton(check_streamable(model, calib))
         tokens = calib.fitted(loaded.model.config).tokens(loaded.tokenizer)
-        importance = stream_importance(
-            spec, tokens, metric=metric, batch_size=batch_size, progress=progress, skeleton=loaded
-        )
     else:
         loaded = as_loaded(model)
         tokens = calib.tokens(loaded.tokenizer, loaded.model)
-        importance = compute_importance(
-            loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
-        )
-    scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), importance)
+    from .scoring import importance
+
+    imp = importance(loaded, tokens, metric=metric, batch_size=batch_size, progress=progress)
+    scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), imp)
     if not is_main():
         return scores
     if out:
@@ -118,47 +111,6 @@ def score(
 
         plot_scores(scores, plot)
     return scores
-
-
-def _iterative_plan(
-    loaded: LoadedModel,
-    tokens,
-    *,
-    attn: int,
-    mlp: int,
-    n_blocks: int,
-    joint: int,
-    metric: str,
-    batch_size: int,
-    progress: bool,
-) -> tuple[DropPlan, list[dict], dict]:
-    """Drop one part at a time, re-scoring the (in-memory) dropped model after each drop."""
-    n = loaded.num_layers
-    dropped = {"attn": set(), "mlp": set()}
-    steps, first = [], None
-    requests = [("block", n_blocks), ("attn", attn), ("mlp", mlp), ("joint", joint)]
-    for kind, count in requests:
-        for _ in range(count):
-            imp = compute_importance(
-                loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
-            )
-            first = first or imp
-            kinds = ("attn", "mlp") if kind == "joint" else (kind,)
-            candidates = []
-            for k in kinds:
-                for i in range(n):
-                    gone = imp["attn"][i] is None and imp["mlp"][i] is None  # None: dropped (now or in the source)
-                    if not gone and imp[k][i] is not None:
-                        candidates.append((imp[k][i], i, k))
-            if not candidates:
-                raise LlmdropError(f"cannot drop more {kind} parts: none left")
-            value, layer, k = min(candidates)
-            for part in ("attn", "mlp") if k == "block" else (k,):
-                dropped[part].add(layer)
-            steps.append({"kind": k, "layer": layer, "importance": value})
-            drop_sublayers(loaded.model, loaded.adapter, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]))
-    plan = DropPlan(n, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]), method="iterative")
-    return plan, steps, first
 
 
 def _config_of(model: ModelArg) -> dict:
@@ -181,43 +133,11 @@ def _check_scores_model(scores: Scores, where: str, model: ModelArg) -> None:
     )
 
 
-def _check_request(n: int, absent: dict, scores, lists, skip_attention_from, **counts) -> None:
-    """What the layer count and the parts the source lacks (``absent``: an export's own drops) refuse: run before
-    loading (from config.json) and again once loaded, before scoring."""
-    if scores is not None and scores.num_layers != n:
-        raise LlmdropError(f"the scores are for {scores.num_layers} layers but the model has {n}")
-    for value, (kind, what, option) in zip(lists, _LISTS):
-        gone = sorted(set(as_layers(value, n)) & set(absent.get(kind, ())))
-        if gone:
-            raise LlmdropError(
-                f"{what} of layer {gone[0]} is not in the model any more (it is an export that dropped "
-                f"{what} {', '.join(map(str, absent[kind]))}): leave it out of {option}"
-            )
-    if skip_attention_from is not None:
-        from .manipulate import skip_attention_layers
-
-        skip_attention_layers(n, skip_attention_from)
-    if any(counts.values()):
-        # Selecting on equal importances makes every check (and message) of the real selection; explicit lists
-        # only narrow the choice further, which the real selection checks.
-        select(mask_absent({kind: [0.0] * n for kind in ("attn", "mlp", "block")}, absent), **counts)
-
-
-# the explicit lists of drop(), in its order: (part, name in messages, option)
-_LISTS = (
-    ("attn", "attention", "--attn-layers"),
-    ("mlp", "the MLP", "--mlp-layers"),
-    ("block", "block", "--block-layers"),
-)
-
-
-def _check_shard_size(value, model: ModelArg, *, stream: bool, in_memory: bool) -> int:
-    """--max-shard-size in bytes, refused unless the export will be copied tensor by tensor from safetensors files
-    (told by the flags and the source, before any model work)."""
-    from .stream_export import parse_shard_size
+def _check_shard_size(model: ModelArg, *, stream: bool, in_memory: bool) -> None:
+    """--max-shard-size is refused unless the export will be copied tensor by tensor from safetensors files (told by
+    the flags and the source, before any model work)."""
     from .streaming import can_stream
 
-    size = parse_shard_size(value)
     why = (
         "--compensate / --iterative change the weights in memory"
         if in_memory
@@ -227,7 +147,6 @@ def _check_shard_size(value, model: ModelArg, *, stream: bool, in_memory: bool) 
     )
     if why:
         raise LlmdropError(f"--max-shard-size applies to exports copied from safetensors files; {why}")
-    return size
 
 
 def _with_device_map(model: ModelArg, device_map: str | None, stream: bool) -> ModelArg:
@@ -271,217 +190,128 @@ def _streamed_export_source(model: ModelArg, loaded: LoadedModel) -> LoadedModel
 def drop(
     model: ModelArg = None,
     out: str | None = None,
+    request: DropRequest | None = None,
     *,
-    attn: int = 0,
-    mlp: int = 0,
-    blocks: int = 0,
-    joint: int = 0,
-    attn_layers: str | list[int] | None = None,
-    mlp_layers: str | list[int] | None = None,
-    block_layers: str | list[int] | None = None,
-    scores: str | Scores | None = None,
-    iterative: bool = False,
-    skip_attention_from: int | None = None,
     calib: str | CalibSpec = "self",
-    metric: str = "cosine",
-    batch_size: int = 1,
-    dtype: str = "auto",
-    fmt: str = "auto",
     overwrite: bool = False,
-    force_scores: bool = False,
-    selector: str = "cosine",
-    candidates: int | None = None,
-    loss_samples: int = 8,
-    compensate: str | None = None,
-    compensate_ridge: float = 1.0,
     progress: bool = True,
     stream: bool = False,
-    max_shard_size: str | int | None = None,
     device_map: str | None = None,
-) -> tuple[Path, DropPlan]:
-    """Choose what to drop (by score or explicitly) and export the result to ``out``.
+    **options,
+) -> dict:
+    """Choose what to drop (by a selector, or explicitly) and export the result to ``out``; returns the record
+    written as ``out/llmdrop.json``.
 
-    ``skip_attention_from=K`` drops the attention sublayers of layers K..L-1 (the "skip-attention" manipulation).
-    ``scores`` made for another model are refused unless ``force_scores``. ``dtype`` is the saved dtype (auto: as
-    loaded); ``fmt`` the checkpoint format (auto | vanilla | llmdrop, see ``llmdrop.exporters``).
-    ``stream`` scores one layer at a time from the safetensors files and never loads the whole model. A safetensors
-    source whose weights the drop leaves unchanged is exported tensor by tensor from its files
-    (``llmdrop.stream_export``; ``max_shard_size``: the output's shard size, default transformers').
-    ``device_map`` (e.g. ``"auto"``) spreads the model in memory over several GPUs (accelerate).
-    ``selector`` (cosine | loss | angular-contiguous | reverse, see ``llmdrop.select``) chooses the counted parts;
-    ``loss`` pre-filters to the ``candidates`` lowest by cosine and evaluates on the first ``loss_samples``
-    calibration blocks. ``compensate="linear"`` folds a least-squares map (shrunk toward the plain drop by
-    ``compensate_ridge``) for every dropped run of blocks into the
-    layer before it (``llmdrop.compensate``).
+    ``request`` is a ``DropRequest`` (or give its fields as keyword ``options``: ``attn=8``, ``block_layers="3-5"``,
+    ``selector="loss"``, ``compensate="linear"``, ``fmt="nemotron-nas"``, ``iterative=True``, ...). ``stream``: the
+    model is never whole in memory (a skeleton; scores, angular distances and compensation statistics are collected
+    one layer at a time from the safetensors files, and the export copies tensors from them). ``device_map`` (e.g.
+    ``"auto"``) spreads the model in memory over several GPUs (accelerate).
     """
+    request = request or DropRequest.build(**options)
     if not out:
         raise LlmdropError("give an output directory (-o OUT)")
+    # 1. check everything the flags and the source's config.json tell: loading and scoring take minutes
     model = _with_device_map(model, device_map, stream)
-    # Everything that needs no model is checked first: loading and scoring take minutes.
     calib = CalibSpec.of(calib)
-    scores_file = scores if isinstance(scores, (str, Path)) else None
-    check_output_dir(out, overwrite, inputs=[model_input(model), scores_file, calib.input])
-    check_sizes(batch_size=batch_size)
-    check_format_name(fmt)
-    layer_args = (attn_layers, mlp_layers, block_layers)
-    for text in layer_args:
-        if isinstance(text, str):
-            parse_layers(text)  # syntax errors first; ranges need the layer count
-    counted = attn or mlp or blocks or joint
-    if skip_attention_from is not None and (counted or iterative):
-        raise LlmdropError(
-            "--skip-attention-from combines only with explicit layer lists, not with "
-            "--attn/--mlp/--blocks/--joint counts or --iterative"
-        )
-    if iterative and (not counted or any(layer_args)):
-        raise LlmdropError("--iterative needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
-    if stream and (iterative or compensate or selector != "cosine"):
-        raise LlmdropError(
-            "--stream scores with the cosine selector only: --iterative, --compensate and other selectors run the "
-            "model in memory"
-        )
-    from .compensate import check_method, check_supported
-    from .select import check_selection
-
-    check_method(
-        compensate,
-        ridge=compensate_ridge,
-        may_drop_blocks=bool(blocks or block_layers or joint or ((attn or attn_layers) and (mlp or mlp_layers))),
-    )
-    check_selection(
-        selector,
-        candidates=candidates,
-        loss_samples=loss_samples,
-        counts={"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint},
-        explicit=any(layer_args) or skip_attention_from is not None,
-        iterative=iterative,
-        scores_given=scores is not None,
-    )
-    if isinstance(scores, (str, Path)):
-        where = f" in {scores}"
-        scores = Scores.load(scores)
-    else:
-        where = ""
-    if scores is not None and not force_scores:
-        _check_scores_model(scores, where, model)
-    counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
-    # What the source's config.json tells (nothing yet for GGUF files and Hub ids: then right after loading).
+    check_output_dir(out, overwrite, inputs=[model_input(model), request.scores_file, calib.input])
+    request.check()
+    chooser = selector(request.selector) if request.counted else None
+    if stream and chooser and chooser.in_memory:
+        raise LlmdropError(chooser.in_memory)
+    scores = _given_scores(request, model)
     config = _config_of(model)
     calib = calib.fitted(config)
-    if isinstance(config.get("num_hidden_layers"), int):
-        _check_request(
-            config["num_hidden_layers"], absent_parts(config), scores, layer_args, skip_attention_from, **counts
-        )
-    check_format_for_source(fmt, config)
-    if max_shard_size is not None:
-        max_shard_size = _check_shard_size(
-            max_shard_size, model, stream=stream, in_memory=bool(iterative or compensate)
-        )
-    needs_calib = counted and scores is None
-    loaded = _load_for_drop(
-        model, stream=stream, calib=calib if needs_calib else None, whole=bool(counted or iterative or compensate)
+    request.check_source(config, scores)
+    weights_change = bool(request.compensate and not stream) or request.selector == "iterative"
+    if request.max_shard_size is not None:
+        _check_shard_size(model, stream=stream, in_memory=weights_change)
+    needs_tokens = bool(request.compensate) or (
+        chooser is not None and chooser.needs_tokens and not (chooser.takes_scores and scores)
     )
-    n = loaded.num_layers
+
+    # 2. load: a skeleton when streaming (or when only files are needed), else the model in memory
+    loaded = _load_for_drop(
+        model, stream=stream, calib=calib if needs_tokens else None, whole=bool(request.counted or request.compensate)
+    )
     calib = calib.fitted(loaded.model.config)
+    request.check_source(loaded.model.config, scores)  # GGUF and Hub sources: now, before any pass
     absent = absent_parts(loaded.model.config)  # an export's own drops: never chosen again
-    _check_request(n, absent, scores, layer_args, skip_attention_from, **counts)  # GGUF / Hub sources: before scoring
-    if scores is not None:
-        scores.importance = mask_absent(scores.importance, absent)  # scores of an older llmdrop gave them 0
-    if compensate:
+    if request.compensate:
         check_supported(loaded.adapter)
-    lists = {
-        k: as_layers(v, n)
-        for k, v in (("attn_layers", attn_layers), ("mlp_layers", mlp_layers), ("block_layers", block_layers))
-    }
-    extra = {}
-    tokens = None
-    if skip_attention_from is not None:
-        # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
-        from .manipulate import skip_attention_layers
 
-        skipped = set(skip_attention_layers(n, skip_attention_from)) - set(absent["attn"])
-        lists["attn_layers"] = sorted(set(lists["attn_layers"]) | skipped)
-        extra["skip_attention_from"] = skip_attention_from
-    if iterative:
-        tokens = calib.tokens(loaded.tokenizer, loaded.model)
-        plan, steps, first = _iterative_plan(
-            loaded,
-            tokens,
-            attn=attn,
-            mlp=mlp,
-            n_blocks=blocks,
-            joint=joint,
-            metric=metric,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        scores = Scores(loaded.source, n, metric, calib.record(tokens), first)
-        extra["iterative_steps"] = steps
-    elif counted and selector != "cosine":
-        from .select import choose
+    # 3. calibration tokens, once
+    tokens = calib.tokens(loaded.tokenizer, None if is_streamed(loaded) else loaded.model) if needs_tokens else None
 
-        start = time.perf_counter()
-        tokens = calib.tokens(loaded.tokenizer, loaded.model) if selector != "reverse" else None
-        if selector == "loss" and scores is None:  # the cosine pre-filter
-            imp = compute_importance(
-                loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
-            )
-            scores = Scores(loaded.source, n, metric, calib.record(tokens), imp)
-        plan, extra["selection"] = choose(
-            selector,
-            loaded,
-            tokens,
-            importance=scores.importance if scores else None,
-            **counts,
-            candidates=candidates,
-            loss_samples=loss_samples,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        extra["selection"]["seconds_total"] = round(time.perf_counter() - start, 3)  # calibration and scoring too
-    elif counted:
-        if scores is None and compensate:  # the same calibration tokens for both, sampled once
-            tokens = calib.tokens(loaded.tokenizer, loaded.model)
-            imp = compute_importance(
-                loaded.model, loaded.adapter, tokens, metric=metric, batch_size=batch_size, progress=progress
-            )
-            scores = Scores(loaded.source, n, metric, calib.record(tokens), imp)
-        elif scores is None:
-            scored = as_spec(model) if stream else loaded
-            scores = score(scored, calib=calib, metric=metric, batch_size=batch_size, progress=progress, stream=stream)
-        plan = select(scores.importance, attn=attn, mlp=mlp, blocks=blocks, joint=joint, **lists)
-        extra["selection"] = {"selector": "cosine", "metric": scores.metric}
-    else:
-        plan = DropPlan(n, blocks=lists["block_layers"], attn=lists["attn_layers"], mlp=lists["mlp_layers"])
+    # 4. choose
+    extra = {"skip_attention_from": request.skip_attention_from} if request.skip_attention_from is not None else {}
+    if chooser is None:
+        plan = DropPlan(loaded.num_layers, **_plan_lists(request.explicit_lists(loaded.num_layers, absent)))
         if plan.empty:
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
+    else:
+        start = time.perf_counter()
+        if chooser.needs_cosine and scores is None:
+            scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens),
+                            _importance(loaded, tokens, request, progress))  # fmt: skip
+        importance = mask_absent(scores.importance, absent) if scores else None  # older scores gave them 0
+        plan, record, own = chooser.choose(loaded, tokens, importance, request, absent=absent, progress=progress)
+        if own is not None:
+            scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens), own)
+        if isinstance(record, dict):
+            record["seconds_total"] = round(time.perf_counter() - start, 3)  # calibration and scoring too
+        extra[chooser.record_key] = record
     plan = plan.without_empty_layers(absent)
     if any(absent.values()):
         extra["already_dropped"] = absent  # the source export's own drops; the plan is what this run removed
-    if compensate:
-        from .compensate import compensate_linear
 
-        if tokens is None:
-            tokens = calib.tokens(loaded.tokenizer, loaded.model)
-        extra["compensation"] = compensate_linear(
-            loaded, plan, tokens, batch_size=batch_size, progress=progress, ridge=compensate_ridge
+    # 5. compensate
+    folds = None
+    if request.compensate:
+        extra["compensation"], folds = compensate_linear(
+            loaded, plan, tokens, batch_size=request.batch_size, progress=progress, ridge=request.compensate_ridge
         )
-    if not (iterative or compensate):  # the weights in memory are the source's: copy them from its safetensors files
+
+    # 6. export: tensor by tensor from the source's files when the weights in memory are the source's
+    if not weights_change:
         loaded = _streamed_export_source(model, loaded)
     path = export(
         loaded,
         plan,
         out,
-        dtype=dtype,
+        dtype=request.dtype,
         overwrite=overwrite,
-        fmt=fmt,
+        fmt=request.fmt,
         scores=scores,
-        calibration=scores.calibration if scores else None,
+        calibration=scores.calibration if scores else (calib.record(tokens) if tokens is not None else None),
         extra=extra,
-        max_shard_size=max_shard_size,
+        max_shard_size=request.max_shard_size,
+        folds=folds if is_streamed(loaded) else None,
         progress=progress,
     )
-    return path, plan
+    return json.loads((path / "llmdrop.json").read_text())
+
+
+def _given_scores(request: DropRequest, model: ModelArg) -> Scores | None:
+    """The --scores to reuse, refused when they record another model (unless --force-scores)."""
+    scores = request.scores
+    if scores is None:
+        return None
+    where = f" in {scores}" if isinstance(scores, (str, Path)) else ""
+    scores = Scores.load(scores) if where else scores
+    if not request.force_scores:
+        _check_scores_model(scores, where, model)
+    return scores
+
+
+def _importance(loaded: LoadedModel, tokens, request: DropRequest, progress: bool) -> dict:
+    from .scoring import importance
+
+    return importance(loaded, tokens, metric=request.metric, batch_size=request.batch_size, progress=progress)
+
+
+def _plan_lists(lists: dict) -> dict:
+    return {"blocks": lists["block_layers"], "attn": lists["attn_layers"], "mlp": lists["mlp_layers"]}
 
 
 def evaluate(

@@ -16,6 +16,7 @@ import typer
 
 from . import __version__
 from .errors import LlmdropError
+from .selectors import SELECTORS
 
 app = typer.Typer(
     help="Find redundant attention / MLP sublayers and blocks in decoder LLMs, drop them, export checkpoints.",
@@ -301,9 +302,9 @@ def drop_cmd(
         str,
         typer.Option(
             "--select",
-            help="How counted parts are chosen: cosine (lowest importance), loss (greedy on the calibration loss), "
-            "angular-contiguous (a run of --blocks N, Gromov et al.) or reverse (the last parts before the final "
-            "layer). See docs/selection.md.",
+            help="How counted parts are chosen: "
+            + "; ".join(f"{s.name}: {s.help}" for s in SELECTORS.values())
+            + ". See docs/selection.md.",
         ),
     ] = "cosine",
     candidates: Annotated[
@@ -368,11 +369,12 @@ def drop_cmd(
     Example: `llmdrop drop smollm2-135m -o smollm2-drop8attn --attn 8`
     """
     from . import api
+    from .plan import DropPlan
     from .report import console
+    from .request import DropRequest
 
-    path, plan = api.drop(
-        model,
-        out,
+    request = DropRequest.build(
+        iterative=iterative,
         attn=attn,
         mlp=mlp,
         blocks=blocks,
@@ -380,26 +382,22 @@ def drop_cmd(
         attn_layers=attn_layers,
         mlp_layers=mlp_layers,
         block_layers=block_layers,
-        scores=scores,
-        force_scores=force_scores,
-        iterative=iterative,
         skip_attention_from=skip_attention_from,
         selector=selector,
+        metric=metric,
         candidates=candidates,
         loss_samples=loss_samples,
+        scores=scores,
+        force_scores=force_scores,
         compensate=compensate,
         compensate_ridge=compensate_ridge,
-        calib=calib,
-        metric=metric,
-        batch_size=batch_size,
-        dtype=model.dtype,
         fmt=fmt,
-        overwrite=overwrite,
-        stream=stream,
+        dtype=model.dtype,
         max_shard_size=max_shard_size,
-        device_map=device_map,
+        batch_size=batch_size,
     )
-    record = json.loads((path / "llmdrop.json").read_text())
+    record = api.drop(model, out, request, calib=calib, overwrite=overwrite, stream=stream, device_map=device_map)
+    path, plan = Path(out), DropPlan(**record["plan"])
     exported = record["exported"]
     gone = record.get("already_dropped")
     if json_out:

@@ -34,6 +34,7 @@ import torch
 
 from .errors import LlmdropError
 from .plan import DropPlan
+from .runner import Collector, layer_input, layer_output, run
 
 METHODS = ("linear",)
 # Shrinkage of the map toward the identity (the plain drop), relative to the mean diagonal of X^T X. Plain least
@@ -93,14 +94,9 @@ def down_projection(mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
 def fold(mlp, transform: torch.Tensor) -> None:
     """Make ``mlp``'s output ``mlp(x) @ transform``: W <- T^T W, b <- b T (computed in float64)."""
     weight, bias = down_projection(mlp)
-    t = transform.to(weight.device, torch.float64)
-    weight.copy_(torch.matmul(t.T, weight.double()).to(weight.dtype))
+    weight.copy_(folded_tensor(weight, transform, bias=False))
     if bias is not None:
-        bias.copy_((bias.double() @ t).to(bias.dtype))
-
-
-class _Stop(Exception):
-    """Raised by a hook once the run's output is seen: the rest of the forward is not needed."""
+        bias.copy_(folded_tensor(bias, transform, bias=True))
 
 
 class _LeastSquares:
@@ -135,45 +131,68 @@ class _LeastSquares:
         return t, max(residual, 0.0) / self.yty
 
 
-@torch.no_grad()
-def _statistics(
-    model, adapter, tokens, prev: int, last: int, *, batch_size: int, progress: bool, skip: int = 0
-) -> _LeastSquares:
-    from tqdm.auto import tqdm
+class RunStatistics(Collector):
+    """The compensation collector of one dropped run: X = the MLP output of layer ``prev`` (the last kept layer
+    before the run), Y = the residual stream after layer ``last`` minus layer ``prev``'s post-attention stream. What
+    layer ``prev`` gives waits on the CPU until the same batch leaves layer ``last`` (one batch in memory, every
+    batch when streamed); the sums are made on the device of the stream."""
 
-    layers = adapter.layer_list(model)
-    mlp = layers[prev].get_submodule(adapter.mlp[0])
-    norm = layers[prev].get_submodule(adapter.mlp_input_norm)
-    stats = _LeastSquares(model.config.hidden_size)
-    seen = {}
+    def __init__(self, hidden: int, prev: int, last: int, skip: int = 0):
+        self.stats = _LeastSquares(hidden)
+        self.prev, self.last, self.skip = prev, last, skip
+        self.waiting = {}  # batch -> {"mid", "m"}
 
-    def on_mid(module, args, kwargs):
-        seen["mid"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    def attach(self, layer, index, adapter, step) -> list:
+        handles = []
+        if index == self.prev:
 
-    def on_mlp(module, args, out):
-        seen["m"] = out[0] if isinstance(out, tuple) else out
+            def on_mid(module, args, kwargs):
+                self.waiting.setdefault(step.batch, {})["mid"] = layer_input(args, kwargs).cpu()
 
-    def on_run_output(module, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        stats.add(seen["m"][:, skip:], (h - seen["mid"])[:, skip:])
-        raise _Stop
+            def on_mlp(module, args, out):
+                self.waiting[step.batch]["m"] = layer_output(out).cpu()
 
-    handles = [
-        norm.register_forward_pre_hook(on_mid, with_kwargs=True),
-        mlp.register_forward_hook(on_mlp),
-        layers[last].register_forward_hook(on_run_output),
-    ]
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="compensate", unit="batch", disable=not progress):
-            try:
-                model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
-            except _Stop:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return stats
+            handles += [
+                layer.get_submodule(adapter.mlp_input_norm).register_forward_pre_hook(on_mid, with_kwargs=True),
+                layer.get_submodule(adapter.mlp[0]).register_forward_hook(on_mlp),
+            ]
+        if index == self.last:
+
+            def on_run_output(module, args, out):
+                h = layer_output(out)
+                seen = self.waiting.pop(step.batch)
+                mid, m = seen["mid"].to(h.device), seen["m"].to(h.device)
+                self.stats.add(m[:, self.skip :], (h - mid)[:, self.skip :])
+
+            handles.append(layer.register_forward_hook(on_run_output))
+        return handles
+
+
+def check_streamed(loaded, plan: DropPlan) -> None:
+    """A streamed export writes each folded map into the MLP output projection's stored tensor: refuse a model that
+    stores it otherwise (sparse-MoE experts), before any pass."""
+    from .stream_export import stored_tensors
+
+    stored = stored_tensors(loaded.info["weights_folder"])
+    for first, _ in runs(plan.blocks):
+        name = down_proj_name(loaded.adapter, first - 1)
+        if first > 0 and f"{name}.weight" not in stored:
+            raise LlmdropError(
+                f"--stream --compensate linear writes the map into {name}.weight, which this checkpoint does not "
+                f"store ({loaded.adapter.model_type}); compensate without --stream"
+            )
+
+
+def down_proj_name(adapter, layer: int) -> str:
+    """The stored name (without .weight / .bias) of layer ``layer``'s MLP output projection."""
+    return f"{adapter.layers}.{layer}.{adapter.mlp[0]}.down_proj"
+
+
+def folded_tensor(tensor: torch.Tensor, transform: torch.Tensor, *, bias: bool) -> torch.Tensor:
+    """``fold`` on one stored tensor: W -> T^T W, b -> b T (float64, back to the tensor's dtype)."""
+    t = transform.to(tensor.device, torch.float64)
+    out = (tensor.double() @ t) if bias else torch.matmul(t.T, tensor.double())
+    return out.to(tensor.dtype)
 
 
 def compensate_linear(
@@ -185,19 +204,30 @@ def compensate_linear(
     progress: bool = True,
     skip_first: int = 0,
     ridge: float = DEFAULT_RIDGE,
-) -> dict:
-    """Fold a least-squares map for every dropped run of blocks of ``plan`` into ``loaded.model`` (in place; the
-    plan itself is applied later by the export). ``skip_first``: leave the first positions of every calibration
-    block out of the statistics. ``ridge``: shrinkage toward the plain drop (see ``_LeastSquares.solve``; 0 is
-    ReplaceMe's plain least squares). Returns the record for llmdrop.json."""
+) -> tuple[dict, dict[int, torch.Tensor]]:
+    """Fit a least-squares map for every dropped run of blocks of ``plan`` (the plan itself is applied later by the
+    export). A model in memory gets each map folded in place; a streamed one (``runner``) gets it folded into each
+    layer as it is read, and the export writes it (``stream_export.write_weights(folds=...)``). ``skip_first``:
+    leave the first positions of every calibration block out of the statistics. ``ridge``: shrinkage toward the
+    plain drop (see ``_LeastSquares.solve``; 0 is ReplaceMe's plain least squares). Returns the record for
+    llmdrop.json and the maps, by the layer they are folded into."""
+    from .runner import is_streamed
     from .select import removed
 
     model, adapter = loaded.model, loaded.adapter
     check_supported(adapter)
     if not plan.blocks:
         raise LlmdropError("--compensate linear replaces dropped blocks; this plan drops none")
+    streamed = is_streamed(loaded)
+    if streamed:
+        check_streamed(loaded, plan)
     start = time.perf_counter()
-    done, records = [], []
+    done, records, folds = [], [], {}
+
+    def prepare(layer, index):  # a streamed layer, just read from the files: the maps fitted so far
+        if index in folds:
+            fold(layer.get_submodule(adapter.mlp[0]), folds[index])
+
     for first, last in runs(plan.blocks):
         prev = first - 1
         record = {"layers": [first, last]}
@@ -212,12 +242,15 @@ def compensate_linear(
             continue
         attn = sorted(set(plan.attn) | set(done))
         mlp = sorted(set(plan.mlp) | set(done))
+        collector = RunStatistics(model.config.hidden_size, prev, last, skip_first)
         with removed(model, adapter, attn=attn, mlp=mlp):
-            stats = _statistics(
-                model, adapter, tokens, prev, last, batch_size=batch_size, progress=progress, skip=skip_first
-            )
+            run(loaded, tokens, [collector], batch_size=batch_size, progress=progress, desc="compensate",
+                until=last, prepare=prepare)  # fmt: skip
+        stats = collector.stats
         transform, residual = stats.solve(ridge)
-        fold(layers_mlp(model, adapter, prev), transform)
+        folds[prev] = transform
+        if not streamed:
+            fold(layers_mlp(model, adapter, prev), transform)
         done.extend(range(first, last + 1))
         record.update(
             folded_into=f"layer {prev} MLP output projection",
@@ -226,7 +259,7 @@ def compensate_linear(
             relative_error_compensated=residual,
         )
         records.append(record)
-    return {
+    record = {
         "method": "linear",
         "estimate": "least squares, MLP output of the layer before each run -> residual stream after the run "
         "minus that layer's post-attention stream (ReplaceMe); float64 X^T X, X^T Y; ridge toward the identity",
@@ -235,6 +268,7 @@ def compensate_linear(
         "forward_passes": sum("skipped" not in r for r in records) * math.ceil(len(tokens) / batch_size),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    return record, folds
 
 
 def layers_mlp(model, adapter, layer: int):

@@ -141,6 +141,7 @@ def export(
     base_model: str | None = None,
     extra: dict | None = None,
     max_shard_size: str | int | None = None,
+    folds: dict | None = None,
     progress: bool = True,
 ) -> Path:
     """Apply ``plan`` to ``loaded.model`` (in place: the model is consumed) and save it to ``out`` in format
@@ -148,7 +149,8 @@ def export(
 
     A skeleton from ``streaming.load_skeleton`` (``loaded.info["weights_folder"]``) is exported the same way, its
     weights copied tensor by tensor from the source files (``llmdrop.stream_export``); ``max_shard_size`` (default:
-    transformers') applies to those streamed exports only.
+    transformers') applies to those streamed exports only, and so do ``folds`` (the compensation maps of a streamed
+    model, ``compensate.compensate_linear``; a model in memory has them folded in already).
     """
     from .card import model_card
 
@@ -183,7 +185,7 @@ def export(
 
     with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
         if streamed:
-            from .stream_export import write_weights
+            from .stream_export import parse_shard_size, write_weights
 
             model.config.dtype = record["exported"]["dtype"]  # as save_pretrained records it
             exporter.save_config(model, loaded.adapter, tmp)
@@ -194,8 +196,9 @@ def export(
                 tmp,
                 dtype=model.dtype,
                 total_parameters=model.num_parameters(),
-                max_shard_size=max_shard_size,
+                max_shard_size=parse_shard_size(max_shard_size) if max_shard_size is not None else None,
                 progress=progress,
+                folds=folds,
             )
         else:
             exporter.save(model, loaded.adapter, tmp)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .arch import absent_parts, mask_absent
 from .errors import LlmdropError
+from .runner import Collector, layer_input, layer_output, run
 
 FORMAT = "llmdrop.scores/1"
 KINDS = ("attn", "mlp", "block")
@@ -58,15 +59,7 @@ class Scores:
         return cls(**{k: d[k] for k in known}, extra=extra)
 
 
-def _hidden(args, kwargs):
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
-def _output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-class Similarity:
+class Similarity(Collector):
     """The scoring collector: running sums (float64, of float32 batch sums) of the per-token similarity of
     (before, after) pairs, per layer and kind, and the number of tokens seen. Sums of several processes add up
     (``llmdrop.distributed.all_reduce``): the sum of sums, never a mean of means."""
@@ -88,33 +81,35 @@ class Similarity:
             means = {k: [1.0 - m for m in v] for k, v in means.items()}  # angular distance grows with importance
         return mask_absent(means, self.absent)
 
+    def attach(self, layer, index: int, adapter, step) -> list:
+        """Three hooks see three residual-stream states of layer ``index``: its input (h0), the input of the MLP's
+        pre-norm, i.e. after the attention's residual add (h1), and its output (h2)."""
+        state = []  # (h0, h1) of the batch in flight
 
-def hook_layer(layer, i: int, adapter, stats: Similarity) -> list:
-    """Hooks on decoder layer ``i`` that add its attn / mlp / block similarities to ``stats``; returns the handles.
-    The one place both runners (whole model, one layer at a time) collect from."""
-    state = []  # (h0, h1) of the batch in flight
+        def on_input(module, args, kwargs):
+            h0 = layer_input(args, kwargs)
+            state[:] = [h0]
+            if index == 0:
+                self.tokens += h0.shape[0] * h0.shape[1]
 
-    def on_input(module, args, kwargs):
-        state[:] = [_hidden(args, kwargs)]
+        def on_attn_added(module, args, kwargs):
+            h1 = layer_input(args, kwargs)
+            self.add("attn", index, state[0], h1)
+            state.append(h1)
 
-    def on_attn_added(module, args, kwargs):
-        h1 = _hidden(args, kwargs)
-        stats.add("attn", i, state[0], h1)
-        state.append(h1)
+        def on_output(module, args, kwargs, out):
+            h0, h1 = state
+            h2 = layer_output(out)
+            self.add("mlp", index, h1, h2)
+            self.add("block", index, h0, h2)
+            state.clear()
 
-    def on_output(module, args, kwargs, out):
-        h0, h1 = state
-        h2 = _output(out)
-        stats.add("mlp", i, h1, h2)
-        stats.add("block", i, h0, h2)
-        state.clear()
-
-    norm = layer.get_submodule(adapter.mlp_input_norm)
-    return [
-        layer.register_forward_pre_hook(on_input, with_kwargs=True),
-        norm.register_forward_pre_hook(on_attn_added, with_kwargs=True),
-        layer.register_forward_hook(on_output, with_kwargs=True),
-    ]
+        norm = layer.get_submodule(adapter.mlp_input_norm)
+        return [
+            layer.register_forward_pre_hook(on_input, with_kwargs=True),
+            norm.register_forward_pre_hook(on_attn_added, with_kwargs=True),
+            layer.register_forward_hook(on_output, with_kwargs=True),
+        ]
 
 
 def batch_starts(n_tokens: int, batch_size: int) -> list[int]:
@@ -125,31 +120,27 @@ def batch_starts(n_tokens: int, batch_size: int) -> list[int]:
     return list(range(0, n_tokens, batch_size))[rank::world]
 
 
-@torch.no_grad()
-def compute_importance(
-    model, adapter, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True
-) -> dict:
-    """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers. Under
-    torchrun each rank scores its share of the batches and the sums are all-reduced."""
+def importance(loaded, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True):
+    """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers, in memory or
+    streamed (``runner.run``). Under torchrun each rank scores its share of the batches and the sums are
+    all-reduced."""
     from .distributed import all_reduce
 
     if metric not in METRICS:
         raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
-    adapter.check_layout(model)
-    layers = adapter.layer_list(model)
-    stats = Similarity(len(layers), metric, absent_parts(model.config))
-    handles = [h for i, layer in enumerate(layers) for h in hook_layer(layer, i, adapter, stats)]
-
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(batch_starts(len(tokens), batch_size), desc="scoring", unit="batch", disable=not progress):
-            batch = tokens[start : start + batch_size].to(device)
-            model(input_ids=batch, use_cache=False, logits_to_keep=1)  # no [B, T, vocab] logits
-            stats.tokens += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    loaded.adapter.check_layout(loaded.model)
+    stats = Similarity(loaded.num_layers, metric, absent_parts(loaded.model.config))
+    run(loaded, tokens, [stats], batch_size=batch_size, progress=progress, desc="scoring")
     all_reduce(stats)
     return stats.importance()
+
+
+def compute_importance(
+    model, adapter, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True
+) -> dict:
+    """``importance`` of a model in memory."""
+    from .models import LoadedModel
+
+    return importance(
+        LoadedModel(model, None, adapter, "", ""), tokens, metric=metric, batch_size=batch_size, progress=progress
+    )

@@ -22,43 +22,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .arch import absent_parts, mask_absent
 from .errors import LlmdropError
 from .modeling.modeling_llmdrop import DroppedAttention, DroppedMLP
 from .plan import DropPlan
-from .plan import select as select_by_scores
+from .runner import Collector, layer_input, layer_output, run
 
-SELECTORS = ("cosine", "loss", "angular-contiguous", "reverse")
 DEFAULT_LOSS_SAMPLES = 8
-
-
-def check_selection(
-    selector: str,
-    *,
-    candidates: int | None,
-    loss_samples: int,
-    counts: dict,
-    explicit: bool,
-    iterative: bool,
-    scores_given: bool,
-) -> None:
-    """Everything about a selection request that needs no model (run before loading)."""
-    if selector not in SELECTORS:
-        raise LlmdropError(f"unknown --select {selector!r}; use {', '.join(SELECTORS)}")
-    if candidates is not None and candidates < 1:
-        raise LlmdropError(f"--candidates must be >= 1 (got {candidates})")
-    if loss_samples < 1:
-        raise LlmdropError(f"--loss-samples must be >= 1 (got {loss_samples})")
-    if selector == "cosine":
-        return
-    if iterative:
-        raise LlmdropError(f"--iterative re-scores by cosine; --select {selector} does not combine with it")
-    if explicit or not any(counts.values()):
-        raise LlmdropError(f"--select {selector} needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists")
-    if selector == "angular-contiguous" and (counts["attn"] or counts["mlp"] or counts["joint"]):
-        raise LlmdropError("--select angular-contiguous cuts a run of whole blocks: use --blocks N only")
-    if scores_given and selector != "loss":
-        raise LlmdropError(f"--select {selector} reads no scores; leave out --scores")
 
 
 # --------------------------------------------------------------------------- in-memory removal
@@ -220,54 +189,53 @@ def loss_search(
 # --------------------------------------------------------------------------- angular-contiguous
 
 
-def _hidden(args, kwargs):
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+class LastTokenStates(Collector):
+    """The angular-distance collector: the last token's residual stream entering every layer and leaving the last
+    one, per calibration sample (float32 on the CPU: one vector per sample and layer)."""
+
+    def __init__(self, num_layers: int):
+        self.n = num_layers
+        self.states = {}  # (layer, batch) -> [batch rows, hidden]; layer n: the last layer's output
+
+    def attach(self, layer, index, adapter, step) -> list:
+        def on_input(module, args, kwargs):
+            self.states[index, step.batch] = layer_input(args, kwargs)[:, -1].float().cpu()
+
+        def on_output(module, args, out):
+            self.states[self.n, step.batch] = layer_output(out)[:, -1].float().cpu()
+
+        handles = [layer.register_forward_pre_hook(on_input, with_kwargs=True)]
+        if index == self.n - 1:
+            handles.append(layer.register_forward_hook(on_output))
+        return handles
+
+    def distances(self) -> torch.Tensor:
+        """[L+1, L+1] mean over samples of arccos(cos(h_a, h_b)) / pi."""
+        sums, samples = torch.zeros(self.n + 1, self.n + 1, dtype=torch.float64), 0
+        for b in sorted({b for _, b in self.states}):
+            h = torch.nn.functional.normalize(torch.stack([self.states[i, b] for i in range(self.n + 1)]), dim=-1)
+            cos = torch.einsum("abh,cbh->acb", h, h).clamp(-1.0, 1.0)  # [L+1, L+1, B]
+            sums += (torch.arccos(cos) / math.pi).sum(-1).double()
+            samples += h.shape[1]
+        return sums / samples
 
 
-@torch.no_grad()
-def last_token_distances(model, adapter, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True):
+def last_token_distances(loaded, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True):
     """[L+1, L+1] mean over samples of arccos(cos(h_a, h_b)) / pi on the last token, h_l the input of layer l and
-    h_L the last layer's output (the residual stream before the final norm). Only [L+1, batch, hidden] last-token
-    states of the batch in flight are held."""
-    from tqdm.auto import tqdm
-
-    layers = adapter.layer_list(model)
-    n = len(layers)
-    states = [None] * (n + 1)
-    handles = []
-    for i, layer in enumerate(layers):
-
-        def on_input(module, args, kwargs, i=i):
-            states[i] = _hidden(args, kwargs)[:, -1].float()
-
-        handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
-
-    def on_last_output(module, args, out):
-        states[n] = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
-
-    handles.append(layers[n - 1].register_forward_hook(on_last_output))
-    sums = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, len(tokens), batch_size), desc="angular", unit="batch", disable=not progress):
-            model(input_ids=tokens[start : start + batch_size].to(device), use_cache=False, logits_to_keep=1)
-            h = torch.nn.functional.normalize(torch.stack(states), dim=-1)  # [L+1, B, H]
-            cos = torch.einsum("abh,cbh->acb", h, h).clamp(-1.0, 1.0)
-            sums += (torch.arccos(cos) / math.pi).sum(-1).double().cpu()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sums / len(tokens)
+    h_L the last layer's output (the residual stream before the final norm); in memory or streamed."""
+    states = LastTokenStates(loaded.num_layers)
+    run(loaded, tokens, [states], batch_size=batch_size, progress=progress, desc="angular")
+    return states.distances()
 
 
 def angular_contiguous(
-    model, adapter, tokens: torch.Tensor, blocks: int, *, batch_size: int = 1, progress: bool = True
+    loaded, tokens: torch.Tensor, blocks: int, *, batch_size: int = 1, progress: bool = True
 ) -> tuple[DropPlan, dict]:
-    num_layers = len(adapter.layer_list(model))
+    num_layers = loaded.num_layers
     if not 0 < blocks < num_layers:
         raise LlmdropError(f"cannot drop {blocks} contiguous blocks of {num_layers}: keep at least one")
     start = time.perf_counter()
-    d = last_token_distances(model, adapter, tokens, batch_size=batch_size, progress=progress)
+    d = last_token_distances(loaded, tokens, batch_size=batch_size, progress=progress)
     per_start = [d[ell, ell + blocks].item() for ell in range(num_layers - blocks + 1)]
     best = min(range(len(per_start)), key=lambda ell: (per_start[ell], ell))
     plan = DropPlan(num_layers, blocks=list(range(best, best + blocks)), method="angular-contiguous")
@@ -306,53 +274,50 @@ def reverse(
     return plan, {"selector": "reverse", "rule": "the last parts before the final layer (kept)", "order": chosen}
 
 
-# --------------------------------------------------------------------------- one entry point
+# --------------------------------------------------------------------------- iterative
 
 
-def choose(
-    selector: str,
-    loaded,
-    tokens: torch.Tensor | None,
-    *,
-    importance: dict | None = None,
-    attn: int = 0,
-    mlp: int = 0,
-    blocks: int = 0,
-    joint: int = 0,
-    candidates: int | None = None,
-    loss_samples: int = DEFAULT_LOSS_SAMPLES,
-    batch_size: int = 1,
-    progress: bool = True,
-) -> tuple[DropPlan, dict]:
-    """The plan of ``selector`` for these counts, and its record. ``importance``: cosine scores (cosine, loss)."""
-    counts = {"attn": attn, "mlp": mlp, "blocks": blocks, "joint": joint}
+def iterative(loaded, tokens, request, *, progress: bool = True) -> tuple[DropPlan, list[dict], dict]:
+    """Drop one part at a time, re-scoring the (in-memory) dropped model after each drop; returns the plan, the
+    steps and the first scores."""
+    from .scoring import compute_importance
+    from .surgery import drop_sublayers
+
     n = loaded.num_layers
-    absent = absent_parts(loaded.model.config)
-    importance = mask_absent(importance, absent) if importance else None  # e.g. scores of an older llmdrop
-    if selector == "cosine":
-        start = time.perf_counter()
-        plan = select_by_scores(importance, **counts)
-        return plan, {"selector": "cosine", "seconds": round(time.perf_counter() - start, 3)}
-    if selector == "reverse":
-        return reverse(n, **counts, absent=absent)
-    if selector == "angular-contiguous":
-        return angular_contiguous(
-            loaded.model, loaded.adapter, tokens, blocks, batch_size=batch_size, progress=progress
-        )
-    if selector == "loss":
-        return loss_search(
-            loaded.model,
-            loaded.adapter,
-            tokens,
-            importance,
-            **counts,
-            candidates=candidates,
-            loss_samples=loss_samples,
-            batch_size=batch_size,
-            progress=progress,
-            absent=absent,
-        )
-    raise LlmdropError(f"unknown --select {selector!r}; use {', '.join(SELECTORS)}")
+    dropped = {"attn": set(), "mlp": set()}
+    steps, first = [], None
+    for kind, count in (
+        ("block", request.blocks),
+        ("attn", request.attn),
+        ("mlp", request.mlp),
+        ("joint", request.joint),
+    ):
+        for _ in range(count):
+            imp = compute_importance(
+                loaded.model,
+                loaded.adapter,
+                tokens,
+                metric=request.metric,
+                batch_size=request.batch_size,
+                progress=progress,
+            )
+            first = first or imp
+            kinds = ("attn", "mlp") if kind == "joint" else (kind,)
+            candidates = []
+            for k in kinds:
+                for i in range(n):
+                    gone = imp["attn"][i] is None and imp["mlp"][i] is None  # None: dropped (now or in the source)
+                    if not gone and imp[k][i] is not None:
+                        candidates.append((imp[k][i], i, k))
+            if not candidates:
+                raise LlmdropError(f"cannot drop more {kind} parts: none left")
+            value, layer, k = min(candidates)
+            for part in ("attn", "mlp") if k == "block" else (k,):
+                dropped[part].add(layer)
+            steps.append({"kind": k, "layer": layer, "importance": value})
+            drop_sublayers(loaded.model, loaded.adapter, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]))
+    plan = DropPlan(n, attn=sorted(dropped["attn"]), mlp=sorted(dropped["mlp"]), method="iterative")
+    return plan, steps, first
 
 
 def describe_records(selection: dict | None, compensation: dict | None) -> list[str]:
@@ -362,14 +327,29 @@ def describe_records(selection: dict | None, compensation: dict | None) -> list[
         cost = f", {selection['forward_passes']} forward passes" if "forward_passes" in selection else ""
         seconds = selection.get("seconds_total", selection.get("seconds", 0.0))
         lines.append(f"chosen by --select {selection['selector']} in {seconds:.1f} s{cost}")
-    for run in (compensation or {}).get("runs", []):
-        first, last = run["layers"]
-        if "skipped" in run:
-            lines.append(f"blocks {first}-{last} not compensated: {run['skipped']}")
+    for entry in (compensation or {}).get("runs", []):
+        first, last = entry["layers"]
+        if "skipped" in entry:
+            lines.append(f"blocks {first}-{last} not compensated: {entry['skipped']}")
         else:
             lines.append(
-                f"blocks {first}-{last} compensated in the {run['folded_into']}: calibration error "
-                f"{run['relative_error_plain_drop']:.3f} -> {run['relative_error_compensated']:.3f} (relative, "
-                f"{run['tokens']} tokens)"
+                f"blocks {first}-{last} compensated in the {entry['folded_into']}: calibration error "
+                f"{entry['relative_error_plain_drop']:.3f} -> {entry['relative_error_compensated']:.3f} (relative, "
+                f"{entry['tokens']} tokens)"
             )
     return lines
+
+
+def choose(name: str, loaded, tokens, *, importance: dict | None = None, progress: bool = True, **request):
+    """The plan of selector ``name`` for ``request`` (``DropRequest`` fields: counts, candidates, ...) on a loaded
+    model, and its record: the selection step of ``api.drop`` alone."""
+    from .arch import absent_parts, mask_absent
+    from .request import DropRequest
+    from .selectors import selector
+
+    absent = absent_parts(loaded.model.config)
+    importance = mask_absent(importance, absent) if importance else None
+    plan, record, _ = selector(name).choose(
+        loaded, tokens, importance, DropRequest(selector=name, **request), absent=absent, progress=progress
+    )
+    return plan, record

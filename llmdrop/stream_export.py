@@ -179,7 +179,31 @@ def _write_all(out, data) -> None:
         view = view[out.write(view) :]
 
 
-def _write_file(path: Path, items: list[tuple[str, StoredTensor, torch.dtype]]) -> None:
+def _read_bytes(f, src: StoredTensor) -> bytearray:
+    f.seek(src.start)
+    data = bytearray(src.nbytes)
+    view, done = memoryview(data), 0
+    while done < src.nbytes:  # one read() returns at most ~2 GiB on Linux
+        n = f.readinto(view[done:])
+        if not n:
+            raise LlmdropError(f"{src.file} is truncated")
+        done += n
+    return data
+
+
+def read_tensor(src: StoredTensor) -> torch.Tensor:
+    """One stored tensor, read into memory."""
+    with open(src.file, "rb", buffering=0) as f:
+        data = _read_bytes(f, src)
+    return (
+        torch.frombuffer(data, dtype=src.dtype).reshape(src.shape) if data else torch.empty(src.shape, dtype=src.dtype)
+    )
+
+
+def _write_file(path: Path, items: list[tuple[str, StoredTensor, torch.dtype]], computed: dict | None = None) -> None:
+    """The safetensors file of ``items`` (export name, stored tensor, dtype): bytes copied, or cast, from the source;
+    ``computed`` maps an export name to a function giving its new value (a folded compensation map)."""
+    computed = computed or {}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, src, dtype in items:
         nbytes = src.nbytes // src.dtype.itemsize * dtype.itemsize
@@ -189,19 +213,15 @@ def _write_file(path: Path, items: list[tuple[str, StoredTensor, torch.dtype]]) 
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
     with open(path, "wb", buffering=0) as out:
         _write_all(out, struct.pack("<Q", len(raw)) + raw)
-        for _, src, dtype in items:
+        for name, src, dtype in items:
+            if name in computed:
+                _write_all(out, computed[name]().to(dtype).contiguous().view(torch.uint8).numpy().data)
+                continue
             with open(src.file, "rb", buffering=0) as f:
                 if dtype == src.dtype:
                     _copy_bytes(f, out, src.start, src.nbytes, src.file)
                 else:
-                    f.seek(src.start)
-                    data = bytearray(src.nbytes)
-                    view, done = memoryview(data), 0
-                    while done < src.nbytes:  # one read() returns at most ~2 GiB on Linux
-                        n = f.readinto(view[done:])
-                        if not n:
-                            raise LlmdropError(f"{src.file} is truncated")
-                        done += n
+                    data = _read_bytes(f, src)
                     tensor = torch.frombuffer(data, dtype=src.dtype).to(dtype) if data else torch.empty(0, dtype=dtype)
                     _write_all(out, tensor.view(torch.uint8).numpy().data)
 
@@ -216,17 +236,29 @@ def write_weights(
     total_parameters: int,
     max_shard_size=None,
     progress: bool = True,
+    folds: dict | None = None,
 ) -> dict:
     """Write the export's weights (model.safetensors, or shards + index) into ``folder``; returns what was written:
-    ``{"tensors": n, "bytes": n, "shards": n}``."""
+    ``{"tensors": n, "bytes": n, "shards": n}``. ``folds``: compensation maps by source layer
+    (``compensate.compensate_linear`` of a streamed model), folded into those layers' MLP output projections."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
 
-    chosen = {}
-    for name, src in stored_tensors(source_folder).items():
+    from .compensate import down_proj_name, folded_tensor
+
+    stored = stored_tensors(source_folder)
+    chosen, computed = {}, {}
+    for name, src in stored.items():
         new = export_name(name, adapter, plan)
         if new is not None:
             chosen[new] = (src, _target_dtype(src.dtype, dtype))
+    for layer, transform in (folds or {}).items():
+        for suffix in ("weight", "bias"):
+            name = f"{down_proj_name(adapter, layer)}.{suffix}"
+            if name in stored:
+                computed[export_name(name, adapter, plan)] = lambda src=stored[name], t=transform, b=suffix == "bias": (
+                    folded_tensor(read_tensor(src), t, bias=b)  # read when written: one tensor in memory at a time
+                )
     meta = {name: torch.empty(src.shape, dtype=dt, device="meta") for name, (src, dt) in chosen.items()}
     split = split_torch_state_dict_into_shards(
         meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size or default_max_shard_size()
@@ -235,7 +267,7 @@ def write_weights(
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress) as bar:
         for filename, names in split.filename_to_tensors.items():
             items = [(n, *chosen[n]) for n in sorted(names)]
-            _write_file(folder / filename, items)
+            _write_file(folder / filename, items, computed)
             bar.update(sum(src.nbytes // src.dtype.itemsize * dt.itemsize for _, src, dt in items))
     if split.is_sharded:
         index = {

@@ -1,31 +1,19 @@
-"""The layer-streamed runner: score a model one decoder layer at a time, read from its safetensors files.
+"""Models larger than memory: a skeleton on the meta device, and its layers read one at a time from the safetensors
+files (the streamed pass itself is ``runner.run``'s).
 
-The model is a skeleton on the meta device (``from_pretrained(device_map="meta")``: config, classes, names and
-shapes, no weight read). What comes before the first layer runs through the model's own ``forward``: its
-embedding (Gemma's scaling included), rotary embedding, position ids and causal / sliding-window masks. A
-stand-in replaces every decoder layer and records what the model hands it, so each layer later gets exactly the
-arguments (the mask of its own attention type, its position embeddings) it would get in a whole-model pass.
-Then, for each layer in turn, only that layer's tensors are read onto the device, every calibration batch goes
-through it with the scoring collector's hooks on (``scoring.hook_layer``, the same sums as in memory), and the
-layer is freed. Hidden states between layers wait on the CPU in the model's dtype, one batch at a time on the
-device.
-
-Peak device memory: one layer (or the embedding, which is freed before the first layer is read) plus one batch's
-activations. Peak host memory: the calibration activations (samples x seq_len x hidden in the model's dtype) plus
-one layer (or the embedding).
+The skeleton is ``from_pretrained(device_map="meta")``: config, classes, names and shapes, no weight read.
+``prepare_outer`` gives what lies outside the layers (embedding, rotary embedding, final norm) real tensors,
+``load_layer`` one layer's tensors; the runner frees each again once every batch has gone through it.
 
 Weights stored in another layout than the one transformers runs (Mixtral's per-expert matrices, fused on load by
 transformers' conversion mapping) are converted here, per layer (``_from_disk_layout``).
 """
 
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .arch import absent_parts
-from .distributed import all_reduce
 from .errors import LlmdropError
 from .models import (
     LoadedModel,
@@ -33,35 +21,10 @@ from .models import (
     check_hub_source,
     is_llmdrop_export,
     load_error,
-    resolve_device,
     resolve_dtype,
     resolve_source,
 )
-from .scoring import METRICS, Similarity, batch_starts, hook_layer
-from .stream_export import DISK_MODULE_NAMES, safetensors_files, stored_tensors
-
-
-class _Stop(Exception):
-    """Raised by the last layer's stand-in: nothing after the layers is needed."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index``: records its input and its arguments, passes the input on."""
-
-    def __init__(self, index: int, last: bool, layer: nn.Module, record: dict):
-        super().__init__()
-        self.index, self.last, self.record = index, last, record
-        for name in ("attention_type", "layer_idx", "is_sliding", "sliding_window"):  # what forwards read off layers
-            if hasattr(layer, name):
-                setattr(self, name, getattr(layer, name))
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if self.index == 0:
-            self.record["hidden"] = hidden_states
-        self.record.setdefault("layers", []).append((args, kwargs))
-        if self.last:
-            raise _Stop
-        return hidden_states
+from .stream_export import DISK_MODULE_NAMES, safetensors_files
 
 
 def check_streamable(model, calib=None) -> LoadSpec:
@@ -137,7 +100,7 @@ def load_skeleton(spec: LoadSpec, *, device: str = "meta") -> LoadedModel:
     model.eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    info = {"model_type": model.config.model_type, "weights_folder": str(folder)}
+    info = {"model_type": model.config.model_type, "weights_folder": str(folder), "device": spec.device}
     return LoadedModel(model, tokenizer, adapter_for(model.config), spec.model, path, None, info=info)
 
 
@@ -186,7 +149,7 @@ def _materialize(module: nn.Module, tensors: dict, device, where: str) -> None:
     module.to(device)
 
 
-def _prepare_outer(model, adapter, stored, device, dtype) -> None:
+def prepare_outer(model, adapter, stored, device, dtype) -> None:
     """Everything of the base model except its layers (embedding, rotary embedding, final norm) on the device."""
     base_name = adapter.layers.rsplit(".", 1)[0]
     base = model.get_submodule(base_name)
@@ -202,22 +165,11 @@ def _prepare_outer(model, adapter, stored, device, dtype) -> None:
         _materialize(child, _read(stored, f"{base_name}.{name}.", device, dtype), device, f"{base_name}.{name}")
 
 
-def _load_layer(layer: nn.Module, stored, prefix: str, device, dtype) -> None:
+def load_layer(layer: nn.Module, stored, prefix: str, device, dtype) -> None:
     tensors = _from_disk_layout(_read(stored, prefix, device, dtype), layer)
     _materialize(layer, tensors, device, prefix.rstrip("."))
 
 
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-@torch.no_grad()
 def stream_importance(
     spec: LoadSpec,
     tokens: torch.Tensor,
@@ -229,63 +181,6 @@ def stream_importance(
 ) -> dict:
     """``compute_importance``'s result, one layer at a time from the files (under torchrun: this rank's share of
     the batches, sums all-reduced). ``skeleton``: from ``load_skeleton(spec)``, if loaded already."""
-    if metric not in METRICS:
-        raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
-    loaded = skeleton or load_skeleton(spec)
-    model, adapter = loaded.model, loaded.adapter
-    adapter.check_layout(model)
-    device = resolve_device(spec.device)
-    dtype = model.dtype
-    stored = stored_tensors(loaded.info["weights_folder"])
-    _prepare_outer(model, adapter, stored, device, dtype)
-    parent_name, attr = adapter.layers.rsplit(".", 1)
-    parent = model.get_submodule(parent_name)
-    layers = getattr(parent, attr)
-    n = len(layers)
-    starts = batch_starts(len(tokens), batch_size)
-    stats = Similarity(n, metric, absent_parts(loaded.model.config))
+    from .scoring import importance
 
-    # 1. the model's own forward up to the first layer, once per batch: layer-0 inputs (kept on the CPU) and each
-    # layer's arguments (they depend only on the batch's shape: no padding mask is ever passed)
-    hidden, arguments = [], {}
-    setattr(parent, attr, nn.ModuleList(_Recorder(i, i == n - 1, layers[i], {}) for i in range(n)))
-    try:
-        for start in starts:
-            batch = tokens[start : start + batch_size].to(device)
-            record = {}
-            for r in getattr(parent, attr):
-                r.record = record
-            try:
-                parent(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
-            hidden.append(record["hidden"].to("cpu", dtype))
-            arguments.setdefault(tuple(batch.shape), record["layers"])
-            stats.tokens += batch.numel()
-    finally:
-        setattr(parent, attr, layers)
-        for name, child in parent.named_children():  # the embedding is as big as a layer: free it before them
-            if name != attr:
-                child.to("meta")
-
-    # 2. one layer at a time
-    from tqdm.auto import tqdm
-
-    t0 = time.monotonic()
-    for i in tqdm(range(n), desc="scoring (streamed)", unit="layer", disable=not progress):
-        layer = layers[i]
-        _load_layer(layer, stored, f"{adapter.layers}.{i}.", device, dtype)
-        handles = hook_layer(layer, i, adapter, stats)
-        try:
-            for b, h in enumerate(hidden):
-                args, kwargs = arguments[(h.shape[0], h.shape[1])][i]
-                out = layer(h.to(device), *_to_device(args, device), **_to_device(kwargs, device))
-                out = out[0] if isinstance(out, tuple) else out
-                hidden[b] = out.to("cpu", dtype)
-        finally:
-            for handle in handles:
-                handle.remove()
-            layer.to("meta")  # frees the layer's memory
-    loaded.info["stream_seconds"] = round(time.monotonic() - t0, 3)
-    all_reduce(stats)
-    return stats.importance()
+    return importance(skeleton or load_skeleton(spec), tokens, metric=metric, batch_size=batch_size, progress=progress)

@@ -109,7 +109,7 @@ def main():
                 if comp:
                     from llmdrop.compensate import compensate_linear
 
-                    comp_record = compensate_linear(target, plan, tokens, progress=False)
+                    comp_record, _ = compensate_linear(target, plan, tokens, progress=False)
                 apply_plan(model, work.adapter, plan)
                 row = {
                     "budget": budget,

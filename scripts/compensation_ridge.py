@@ -53,7 +53,7 @@ def main():
         for ridge in ridges + (also if i == 0 else []):
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
-            record = compensate_linear(replace(loaded, model=model), plan, tokens, progress=False, ridge=ridge)
+            record, _ = compensate_linear(replace(loaded, model=model), plan, tokens, progress=False, ridge=ridge)
             seconds = time.perf_counter() - start
             apply_plan(model, loaded.adapter, plan)
             ppl = {

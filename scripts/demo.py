@@ -14,6 +14,7 @@ from rich.table import Table
 
 import llmdrop
 from llmdrop.models import load_model
+from llmdrop.plan import DropPlan
 from llmdrop.report import console, scores_table
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out")
@@ -34,9 +35,9 @@ def main() -> None:
         # the export consumes the model it is given: give it a copy, keep the original for the next one
         clone = copy.copy(loaded)
         clone.model = copy.deepcopy(loaded.model)
-        path, plan = llmdrop.drop(
-            clone, out=OUT / f"smollm2-135m-drop{N}{kind}", scores=scores, overwrite=True, **{kind: N}
-        )
+        path = OUT / f"smollm2-135m-drop{N}{kind}"
+        record = llmdrop.drop(clone, out=path, scores=scores, overwrite=True, **{kind: N})
+        plan = DropPlan(**record["plan"])
         exports[kind] = (path, plan)
         console.print(f"{kind}: dropped source layers {plan.attn or plan.mlp or plan.blocks} -> {path}")
 

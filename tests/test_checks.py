@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import llmdrop.api
 import llmdrop.models
+import llmdrop.scoring
 from llmdrop.api import drop
 from llmdrop.arch import adapter_for
 from llmdrop.card import save_eval_result
@@ -42,7 +43,7 @@ def no_model_work(monkeypatch):
     """Record any model load or scoring pass: the refusals below must come before both."""
     calls = []
     monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
-    monkeypatch.setattr(llmdrop.api, "compute_importance", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
     return calls
 
 
@@ -195,7 +196,7 @@ def test_counts_of_a_source_without_config_are_checked_before_scoring(tiny, tmp_
     loaded = LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "org/name", "org/name")
     monkeypatch.setattr(llmdrop.api, "source_config", lambda *a: {})
     monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load") or loaded)
-    monkeypatch.setattr(llmdrop.api, "compute_importance", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
     with pytest.raises(LlmdropError) as e:
         drop("org/name", tmp_path / "out", attn=999)
     assert str(e.value) == "cannot drop 999 attention sublayers: only 6 are left to choose from"

@@ -72,16 +72,17 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
         expected = original(ids, use_cache=False).logits
     logits = {}
     for method in (None, "linear"):
-        out, plan = llmdrop.drop(
+        out = tmp_path / f"out-{method}"
+        plan = llmdrop.drop(
             str(src),
-            str(tmp_path / f"out-{method}"),
+            str(out),
             block_layers="2",
             compensate=method,
             compensate_ridge=0,  # plain least squares: the exact map
             calib=calib,
             progress=False,
-        )
-        assert plan.blocks == [2]
+        )["plan"]
+        assert plan["blocks"] == [2]
         config = json.loads((out / "config.json").read_text())
         assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
         assert config["num_hidden_layers"] == 3
@@ -101,11 +102,10 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
 
 
 def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, tmp_path):
-    src = save(tiny_model("llama", 8), tmp_path / "src")
-    out, _ = llmdrop.drop(
-        str(src), str(tmp_path / "out"), block_layers="0,3,4,6", compensate="linear", calib=calib, progress=False
-    )
-    record = json.loads((out / "llmdrop.json").read_text())["compensation"]
+    src, out = save(tiny_model("llama", 8), tmp_path / "src"), tmp_path / "out"
+    record = llmdrop.drop(str(src), str(out), block_layers="0,3,4,6", compensate="linear", calib=calib, progress=False)[
+        "compensation"
+    ]
     first, second, third = record["runs"]
     assert first == {
         "layers": [0, 0],

@@ -200,8 +200,9 @@ def test_skip_attention_probe_equals_export(tmp_path):
     _, probe_logits = run(model, manip=Manipulation(model, "skip-attention", K))
     copy = tiny_model("llama", num_layers=N_LAYERS)  # the export transforms its model in place
     loaded = LoadedModel(copy, tiny_tokenizer(), adapter_for(copy.config), "tiny", "tiny")
-    out, plan = api.drop(loaded, out=str(tmp_path / "skip"), skip_attention_from=K, progress=False)
-    assert plan.attn == list(range(K, N_LAYERS))
+    out = tmp_path / "skip"
+    record = api.drop(loaded, out=str(out), skip_attention_from=K, progress=False)
+    assert record["plan"]["attn"] == list(range(K, N_LAYERS))
     exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     _, export_logits = run(exported)
     torch.testing.assert_close(export_logits, probe_logits, rtol=0, atol=1e-6)

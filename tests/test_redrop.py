@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import llmdrop.api
 import llmdrop.models
+import llmdrop.scoring
 from llmdrop.cli import app
 from llmdrop.models import load_model
 
@@ -96,7 +97,7 @@ def test_an_mlp_dropped_where_attention_is_gone_removes_the_layer(world, tmp_pat
 def no_model_work(monkeypatch):
     calls = []
     monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
-    monkeypatch.setattr(llmdrop.api, "compute_importance", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
     return calls
 
 

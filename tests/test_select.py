@@ -74,11 +74,10 @@ def test_every_selector_finds_a_planted_useless_part(selector, kind, planted_dir
     if selector == "loss":
         count["candidates"] = N  # every layer: a search, not the cosine pre-filter, has to find it
     calib = CalibSpec("self", samples=6, seq_len=24)
-    out, plan = llmdrop.drop(
-        str(planted_dirs[kind]), str(tmp_path / "out"), selector=selector, calib=calib, progress=False, **count
-    )
-    assert (plan.blocks if kind == "block" else plan.attn) == [PLANTED]
-    record = json.loads((out / "llmdrop.json").read_text())
+    out = tmp_path / "out"
+    record = llmdrop.drop(str(planted_dirs[kind]), str(out), selector=selector, calib=calib, progress=False, **count)
+    assert record == json.loads((out / "llmdrop.json").read_text())
+    assert record["plan"]["blocks" if kind == "block" else "attn"] == [PLANTED]
     assert record["selection"]["selector"] == selector
     assert record["plan"]["method"] == ("scores" if selector == "cosine" else selector)
     if selector == "loss":

@@ -13,6 +13,7 @@ import pytest
 
 import llmdrop
 from llmdrop.models import builtin_gguf, load_model
+from llmdrop.plan import DropPlan
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,8 @@ def scores(smollm2, tmp_path_factory):
 def export_copy(smollm2, out, **request):
     clone = copy.copy(smollm2)
     clone.model = copy.deepcopy(smollm2.model)
-    return llmdrop.drop(clone, out=out, progress=False, **request)
+    record = llmdrop.drop(clone, out=out, progress=False, **request)
+    return out, DropPlan(**record["plan"])
 
 
 def test_scores_cover_all_30_layers(scores):

@@ -121,9 +121,10 @@ def block_configs(path):
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    out, _ = api.drop(
+    out = tmp_path_factory.mktemp("smol") / "nas"
+    api.drop(
         "smollm2-135m",
-        tmp_path_factory.mktemp("smol") / "nas",
+        out,
         attn_layers=SMOL_ATTN,
         mlp_layers=SMOL_MLP,
         fmt="nemotron-nas",
@@ -200,9 +201,10 @@ def load_qwen(source):
 
 @pytest.fixture(scope="module")
 def qwen_export(qwen_source, tmp_path_factory):
-    out, _ = api.drop(
+    out = tmp_path_factory.mktemp("qwen2") / "nas"
+    api.drop(
         load_qwen(qwen_source),
-        tmp_path_factory.mktemp("qwen2") / "nas",
+        out,
         attn_layers=QWEN_ATTN,
         mlp_layers=QWEN_MLP,
         fmt="nemotron-nas",
