@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .arch import absent_parts, mask_absent
-from .compensate import check_supported, compensate_linear
+from .compensate import check_supported, compensate_linear, stored_replacements
 from .data import CalibSpec, check_seq_len, check_sizes, load_texts, max_positions, tokens_from_texts
 from .errors import LlmdropError
 from .export import export
@@ -216,6 +216,7 @@ def drop(
     calib = CalibSpec.of(calib)
     check_output_dir(out, overwrite, inputs=[model_input(model), request.scores_file, calib.input])
     request.check()
+    selector(request.selector).check(request)
     chooser = selector(request.selector) if request.counted else None
     if stream and chooser and chooser.in_memory:
         raise LlmdropError(chooser.in_memory)
@@ -286,7 +287,7 @@ def drop(
         calibration=scores.calibration if scores else (calib.record(tokens) if tokens is not None else None),
         extra=extra,
         max_shard_size=request.max_shard_size,
-        folds=folds if is_streamed(loaded) else None,
+        replacements=stored_replacements(loaded.adapter, folds) if folds and is_streamed(loaded) else None,
         progress=progress,
     )
     return json.loads((path / "llmdrop.json").read_text())
@@ -400,7 +401,7 @@ def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> di
 # some of those modules use the helpers above).
 from .act import act_apply, act_eval, act_search  # noqa: E402
 from .attnmaps import attnmap  # noqa: E402
-from .bench import bench  # noqa: E402
+from .benchmark import bench  # noqa: E402
 from .healing import heal  # noqa: E402
 from .hub import push  # noqa: E402
 from .probing import inject, probe  # noqa: E402

@@ -798,7 +798,8 @@ def bench_cmd(
 
     Example: `llmdrop bench --engine vllm --random-weights llama-3-8b base attn:16 blocks:8`
     """
-    from .bench import bench, parse_int_list, print_table
+    from .bench import parse_int_list, print_table
+    from .benchmark import bench
     from .report import console
 
     report = bench(

@@ -27,6 +27,7 @@ Not covered: Gemma 2/3 (sandwich norms): the MLP output passes through ``post_fe
 per-token RMS norm, before the residual add, so no hidden x hidden map can be folded behind it.
 """
 
+import functools
 import math
 import time
 
@@ -186,6 +187,17 @@ def check_streamed(loaded, plan: DropPlan) -> None:
 def down_proj_name(adapter, layer: int) -> str:
     """The stored name (without .weight / .bias) of layer ``layer``'s MLP output projection."""
     return f"{adapter.layers}.{layer}.{adapter.mlp[0]}.down_proj"
+
+
+def stored_replacements(adapter, folds: dict) -> dict:
+    """The maps of a streamed model as ``stream_export.write_weights`` replacements: stored tensor name -> its
+    folded value (the MLP output projection's weight and bias of each layer a map is folded into)."""
+    out = {}
+    for layer, transform in folds.items():
+        name = down_proj_name(adapter, layer)
+        out[f"{name}.weight"] = functools.partial(folded_tensor, transform=transform, bias=False)
+        out[f"{name}.bias"] = functools.partial(folded_tensor, transform=transform, bias=True)
+    return out
 
 
 def folded_tensor(tensor: torch.Tensor, transform: torch.Tensor, *, bias: bool) -> torch.Tensor:

@@ -141,7 +141,7 @@ def export(
     base_model: str | None = None,
     extra: dict | None = None,
     max_shard_size: str | int | None = None,
-    folds: dict | None = None,
+    replacements: dict | None = None,
     progress: bool = True,
 ) -> Path:
     """Apply ``plan`` to ``loaded.model`` (in place: the model is consumed) and save it to ``out`` in format
@@ -149,8 +149,8 @@ def export(
 
     A skeleton from ``streaming.load_skeleton`` (``loaded.info["weights_folder"]``) is exported the same way, its
     weights copied tensor by tensor from the source files (``llmdrop.stream_export``); ``max_shard_size`` (default:
-    transformers') applies to those streamed exports only, and so do ``folds`` (the compensation maps of a streamed
-    model, ``compensate.compensate_linear``; a model in memory has them folded in already).
+    transformers') applies to those streamed exports only, and so do ``replacements`` (stored tensor name -> function
+    of it: the compensation maps of a streamed model; a model in memory has them folded in already).
     """
     from .card import model_card
 
@@ -198,7 +198,7 @@ def export(
                 total_parameters=model.num_parameters(),
                 max_shard_size=parse_shard_size(max_shard_size) if max_shard_size is not None else None,
                 progress=progress,
-                folds=folds,
+                replacements=replacements,
             )
         else:
             exporter.save(model, loaded.adapter, tmp)

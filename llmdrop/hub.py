@@ -16,8 +16,8 @@ from . import __version__
 from .card import CARD_FILE, refresh_card
 from .errors import LlmdropError
 from .files import atomic_write_text
+from .models import endpoint
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
 DEFAULT_REVISION = "main"
 LOGIN_HINT = (
     "not logged in to the Hugging Face Hub: run `hf auth login`, set HF_TOKEN=hf_... or pass --token "
@@ -26,11 +26,6 @@ LOGIN_HINT = (
 # Never uploaded: version control, huggingface_hub's local cache, llmdrop's own temporary files.
 _SKIP_DIRS = {".git", ".cache"}
 _TMP_SUFFIXES = (".llmdrop-tmp",)
-
-
-def endpoint() -> str:
-    """The Hub to talk to: ``HF_ENDPOINT`` as set now (huggingface_hub reads it once, at import)."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
 def repo_url(repo_id: str, revision: str | None = None, *, hub: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def resolve_source(source: str | None, gguf_file: str | None = None) -> tuple[st
     return source, None
 
 
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def endpoint() -> str:
+    """The Hub to talk to: ``HF_ENDPOINT`` as set now (huggingface_hub reads it once, at import)."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
 def check_hub_source(repo_id: str, source: str) -> None:
     """A Hub id that is not in the local Hugging Face cache needs the Hub: when it cannot be reached, say so at once
     (transformers would retry for about a minute first). Checked right before a load, never for local folders."""
@@ -102,8 +111,6 @@ def check_hub_source(repo_id: str, source: str) -> None:
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
-
-    from .hub import endpoint
 
     try:
         if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):

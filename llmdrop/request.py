@@ -78,11 +78,11 @@ class DropRequest:
         return self.scores if isinstance(self.scores, (str, Path)) else None
 
     def check(self) -> None:
-        """Everything that needs no model, in the order a user meets it."""
+        """Everything that needs no model, in the order a user meets it (the selector's own checks are
+        ``selectors.Selector.check``)."""
         from .compensate import check_method
         from .data import check_sizes
         from .exporters import check_format_name
-        from .selectors import selector
 
         check_sizes(batch_size=self.batch_size)
         check_format_name(self.fmt)
@@ -104,7 +104,6 @@ class DropRequest:
                 or ((self.attn or self.attn_layers) and (self.mlp or self.mlp_layers))
             ),
         )
-        selector(self.selector).check(self)
         if self.max_shard_size is not None:
             from .stream_export import parse_shard_size
 

@@ -9,7 +9,7 @@ How the model is run is the runner's business, what is collected the collectors'
   layer records the arguments it is handed), then each layer in turn is read from the safetensors files, every
   batch goes through it with the collectors hooked on it, and it is freed. Peak memory: one layer plus the
   calibration activations (on the CPU, in the model's dtype);
-- under torchrun each rank runs its share of the batches (``scoring.batch_starts``); collectors that keep sums
+- under torchrun each rank runs its share of the batches (``batch_starts``); collectors that keep sums
   reduce them over the ranks themselves.
 
 The order differs (batch-major in memory, layer-major streamed), so a collector keys what it keeps by
@@ -56,6 +56,14 @@ def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def batch_starts(n_tokens: int, batch_size: int) -> list[int]:
+    """First row of every batch; under torchrun, only this rank's share (every world_size-th batch)."""
+    from .distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    return list(range(0, n_tokens, batch_size))[rank::world]
+
+
 def is_streamed(loaded: LoadedModel) -> bool:
     return bool(loaded.info.get("weights_folder"))
 
@@ -74,8 +82,6 @@ def run(
     device=None,
 ) -> None:
     """Push ``tokens`` through layers 0..``until`` (default: all) of ``loaded`` with ``collectors`` observing."""
-    from .scoring import batch_starts
-
     layers = loaded.adapter.layer_list(loaded.model)
     last = len(layers) - 1 if until is None else until
     starts = batch_starts(len(tokens), batch_size)

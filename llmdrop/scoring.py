@@ -112,14 +112,6 @@ class Similarity(Collector):
         ]
 
 
-def batch_starts(n_tokens: int, batch_size: int) -> list[int]:
-    """First row of every batch; under torchrun, only this rank's share (every world_size-th batch)."""
-    from .distributed import rank_and_world
-
-    rank, world = rank_and_world()
-    return list(range(0, n_tokens, batch_size))[rank::world]
-
-
 def importance(loaded, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True):
     """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers, in memory or
     streamed (``runner.run``). Under torchrun each rank scores its share of the batches and the sums are
@@ -144,3 +136,19 @@ def compute_importance(
     return importance(
         LoadedModel(model, None, adapter, "", ""), tokens, metric=metric, batch_size=batch_size, progress=progress
     )
+
+
+def stream_importance(
+    spec,
+    tokens: torch.Tensor,
+    *,
+    metric: str = "cosine",
+    batch_size: int = 1,
+    progress: bool = True,
+    skeleton=None,
+) -> dict:
+    """``importance`` of a model streamed from its files (``streaming.load_skeleton(spec)``, or ``skeleton`` if
+    loaded already)."""
+    from .streaming import load_skeleton
+
+    return importance(skeleton or load_skeleton(spec), tokens, metric=metric, batch_size=batch_size, progress=progress)

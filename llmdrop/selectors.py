@@ -130,3 +130,17 @@ def selector(name: str) -> Selector:
     if name not in SELECTORS:
         raise LlmdropError(f"unknown --select {name!r}; use {', '.join(SELECTORS)}")
     return SELECTORS[name]
+
+
+def choose(name: str, loaded, tokens, *, importance: dict | None = None, progress: bool = True, **request):
+    """The plan of selector ``name`` for ``request`` (``DropRequest`` fields: counts, candidates, ...) on a loaded
+    model, and its record: the selection step of ``api.drop`` alone."""
+    from .arch import absent_parts, mask_absent
+    from .request import DropRequest
+
+    absent = absent_parts(loaded.model.config)
+    importance = mask_absent(importance, absent) if importance else None
+    plan, record, _ = selector(name).choose(
+        loaded, tokens, importance, DropRequest(selector=name, **request), absent=absent, progress=progress
+    )
+    return plan, record

@@ -236,15 +236,13 @@ def write_weights(
     total_parameters: int,
     max_shard_size=None,
     progress: bool = True,
-    folds: dict | None = None,
+    replacements: dict | None = None,
 ) -> dict:
     """Write the export's weights (model.safetensors, or shards + index) into ``folder``; returns what was written:
-    ``{"tensors": n, "bytes": n, "shards": n}``. ``folds``: compensation maps by source layer
-    (``compensate.compensate_linear`` of a streamed model), folded into those layers' MLP output projections."""
+    ``{"tensors": n, "bytes": n, "shards": n}``. ``replacements``: source tensor name -> function of the stored
+    tensor giving what the export holds instead (e.g. a folded compensation map), read when it is written."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm.auto import tqdm
-
-    from .compensate import down_proj_name, folded_tensor
 
     stored = stored_tensors(source_folder)
     chosen, computed = {}, {}
@@ -252,13 +250,9 @@ def write_weights(
         new = export_name(name, adapter, plan)
         if new is not None:
             chosen[new] = (src, _target_dtype(src.dtype, dtype))
-    for layer, transform in (folds or {}).items():
-        for suffix in ("weight", "bias"):
-            name = f"{down_proj_name(adapter, layer)}.{suffix}"
-            if name in stored:
-                computed[export_name(name, adapter, plan)] = lambda src=stored[name], t=transform, b=suffix == "bias": (
-                    folded_tensor(read_tensor(src), t, bias=b)  # read when written: one tensor in memory at a time
-                )
+    for name, replace in (replacements or {}).items():
+        if name in stored:  # read when written: one tensor in memory at a time
+            computed[export_name(name, adapter, plan)] = lambda src=stored[name], fn=replace: fn(read_tensor(src))
     meta = {name: torch.empty(src.shape, dtype=dt, device="meta") for name, (src, dt) in chosen.items()}
     split = split_torch_state_dict_into_shards(
         meta, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size or default_max_shard_size()

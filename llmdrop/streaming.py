@@ -168,19 +168,3 @@ def prepare_outer(model, adapter, stored, device, dtype) -> None:
 def load_layer(layer: nn.Module, stored, prefix: str, device, dtype) -> None:
     tensors = _from_disk_layout(_read(stored, prefix, device, dtype), layer)
     _materialize(layer, tensors, device, prefix.rstrip("."))
-
-
-def stream_importance(
-    spec: LoadSpec,
-    tokens: torch.Tensor,
-    *,
-    metric: str = "cosine",
-    batch_size: int = 1,
-    progress: bool = True,
-    skeleton: LoadedModel | None = None,
-) -> dict:
-    """``compute_importance``'s result, one layer at a time from the files (under torchrun: this rank's share of
-    the batches, sums all-reduced). ``skeleton``: from ``load_skeleton(spec)``, if loaded already."""
-    from .scoring import importance
-
-    return importance(skeleton or load_skeleton(spec), tokens, metric=metric, batch_size=batch_size, progress=progress)

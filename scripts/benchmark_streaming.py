@@ -58,6 +58,15 @@ def build(folder: Path) -> None:
     )
 
 
+def max_tensor_difference(a: Path, b: Path) -> float:
+    """The largest absolute difference between two exports' tensors (compared in float32)."""
+    from safetensors.torch import load_file
+
+    ta, tb = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()} for d in (a, b))
+    assert ta.keys() == tb.keys()
+    return max((ta[k].float() - tb[k].float()).abs().max().item() for k in ta)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", help="write the results JSON here")
@@ -66,6 +75,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of cp / streamed export")
     parser.add_argument("--skip-scoring", action="store_true", help="only the export measurements")
+    parser.add_argument(
+        "--compensation-only",
+        action="store_true",
+        help="only `drop --compensate linear`, in memory and --stream (peak memory and the largest tensor difference)",
+    )
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmdrop-streambench-"))
     try:
@@ -98,6 +112,20 @@ def main() -> None:
         # the Python + torch + transformers + llmdrop runtime every command below starts with
         results = [measure("runtime only (imports)", [PY, "-c", "import torch, transformers; import llmdrop.api"])]
         diff = None
+        comp = [PY, "-m", "llmdrop", "drop", str(src), "--block-layers", "3,7", "--compensate", "linear", *cal]
+        results += [
+            measure("drop --compensate linear, in memory", [*comp, "--device", "cpu", "-o", str(work / "cm")]),
+            measure(
+                "drop --compensate linear, streamed", [*comp, "--device", "cpu", "--stream", "-o", str(work / "cs")]
+            ),
+        ]
+        comp_diff = max_tensor_difference(work / "cm", work / "cs")
+        if opts.compensation_only:
+            report = {"checkpoint_bytes": size, "max_abs_tensor_difference_compensated": comp_diff, "results": results}
+            print(json.dumps(report, indent=2))
+            if opts.out:
+                Path(opts.out).write_text(json.dumps(report, indent=2) + "\n")
+            return
         if not opts.skip_scoring:
             results += [
                 measure("score, in memory", [*score, "-o", str(work / "mem.json")]),
@@ -136,6 +164,7 @@ def main() -> None:
             "checkpoint_bytes": size,
             "calibration": f"{opts.samples} x {opts.seq_len} tokens, batch size 4, CPU",
             "max_abs_score_difference": diff,
+            "max_abs_tensor_difference_compensated": comp_diff,
             "results": results,
         }
         print(json.dumps(report, indent=2))

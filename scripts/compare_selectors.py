@@ -21,7 +21,7 @@ from llmdrop.data import CalibSpec, load_texts, tokens_from_texts
 from llmdrop.evaluation import perplexity
 from llmdrop.models import LoadSpec
 from llmdrop.scoring import compute_importance
-from llmdrop.select import choose
+from llmdrop.selectors import choose
 from llmdrop.surgery import apply_plan
 
 BUDGETS = {"8 blocks": {"blocks": 8}, "8 attention": {"attn": 8}, "12 sublayers": {"joint": 12}}

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 from llmdrop.bench import (
     FORMAT,
     BenchModel,
-    bench,
     build_random,
     decode_bytes_per_step,
     kv_bytes_per_token_analytic,
@@ -30,6 +29,7 @@ from llmdrop.bench import (
     shape_config,
     weight_bytes_per_step,
 )
+from llmdrop.benchmark import bench
 from llmdrop.cli import app
 from llmdrop.compat import call_cache
 from llmdrop.errors import LlmdropError
@@ -320,7 +320,7 @@ def test_script_is_the_cli():
 def test_vllm_engine_without_vllm_is_one_line(monkeypatch):
     import importlib.util
 
-    from llmdrop.bench import bench
+    from llmdrop.benchmark import bench
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_model, tiny_tokenizer
 
-from llmdrop import distributed, scoring
+from llmdrop import distributed, runner, scoring
 from llmdrop.api import score
 from llmdrop.data import CalibSpec
 from llmdrop.models import LoadSpec
@@ -110,7 +110,7 @@ def test_ranks_take_disjoint_shares(monkeypatch):
     shares = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "rank_and_world", lambda rank=rank: (rank, 3))
-        shares.append(scoring.batch_starts(15, 2))  # 8 batches: rows 0, 2, ..., 14
+        shares.append(runner.batch_starts(15, 2))  # 8 batches: rows 0, 2, ..., 14
     assert shares == [[0, 6, 12], [2, 8, 14], [4, 10]]
 
 

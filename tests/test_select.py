@@ -17,7 +17,8 @@ from llmdrop.cli import app
 from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
 from llmdrop.models import load_model
-from llmdrop.select import choose, reverse
+from llmdrop.select import reverse
+from llmdrop.selectors import choose
 
 N = 6
 PLANTED = 4  # not the last layer, so that `reverse` (which keeps the final layer) must find it too

@@ -18,14 +18,16 @@ from safetensors.torch import load_file
 from tiny_models import ARCHS, FIRST_WORD_ID, VOCAB_SIZE, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
+import llmdrop
 from llmdrop import stream_export
 from llmdrop.cli import app
+from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
 from llmdrop.models import LoadSpec, load_model
 from llmdrop.plan import DropPlan
-from llmdrop.scoring import compute_importance
-from llmdrop.streaming import load_skeleton, stream_importance
+from llmdrop.scoring import compute_importance, stream_importance
+from llmdrop.streaming import load_skeleton
 
 N = 6
 IDS = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (5, 14), generator=torch.Generator().manual_seed(0))
@@ -319,3 +321,50 @@ def test_streamed_scores_of_an_llmdrop_export(tmp_path):
     assert memory["attn"][2] is None and memory["mlp"][4] is None
     for kind in ("attn", "mlp", "block"):
         assert streamed[kind] == pytest.approx(memory[kind], abs=1e-5)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize(
+    "arch, request_",
+    [
+        ("llama", {"block_layers": "2,4", "compensate": "linear"}),  # two runs: the second fitted after the first
+        ("mistral", {"blocks": 2, "compensate": "linear"}),  # scored (streamed), then compensated
+        ("llama", {"blocks": 2, "selector": "angular-contiguous"}),
+        ("qwen3", {"blocks": 2, "selector": "angular-contiguous", "compensate": "linear"}),
+        ("llama", {"attn": 2, "selector": "reverse"}),
+    ],
+    ids=["linear-two-runs", "cosine+linear", "angular", "angular+linear", "reverse"],
+)
+def test_streamed_drop_equals_the_in_memory_drop(arch, request_, tmp_path, calib_file):
+    """--stream composes with --compensate linear and the angular-contiguous and reverse selectors: the same plan,
+    record and tensors (float32, within 1e-5) as the in-memory drop, from a checkpoint on disk."""
+    src = source_dir(arch)
+    calib = CalibSpec(str(calib_file), samples=6, seq_len=16)
+    kwargs = dict(calib=calib, progress=False, dtype="float32", **request_)
+    memory = llmdrop.drop(LoadSpec(str(src), device="cpu"), tmp_path / "memory", **kwargs)
+    streamed = llmdrop.drop(LoadSpec(str(src), device="cpu"), tmp_path / "streamed", stream=True, **kwargs)
+    assert streamed["plan"] == memory["plan"] and streamed["exported"]["streamed"]
+    for key in ("selection", "compensation", "scores"):
+        assert (streamed.get(key) or {}).keys() == (memory.get(key) or {}).keys()
+    runs = zip(*(r.get("compensation", {}).get("runs", []) for r in (memory, streamed)), strict=True)
+    for run_m, run_s in runs:
+        assert run_s["layers"] == run_m["layers"] and run_s.get("skipped") == run_m.get("skipped")
+        if "skipped" not in run_m:
+            assert run_s["relative_error_compensated"] == pytest.approx(run_m["relative_error_compensated"], abs=1e-6)
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "streamed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_streamed_loss_selection_is_refused_with_the_reason(tmp_path, calib_file):
+    result = CliRunner().invoke(
+        app,
+        ["drop", str(source_dir("llama")), "-o", str(tmp_path / "o"), "--blocks", "1", "--select", "loss",
+         "--stream", "--calib", str(calib_file)],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == "error: --select loss evaluates the whole model once per candidate; it cannot --stream\n"
