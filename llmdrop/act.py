@@ -32,8 +32,9 @@ from .modeling.attention_calibration import (
     enable_attention_calibration,
 )
 from .models import LoadedModel, ModelArg, as_loaded, model_input
+from .record import ACT_FORMAT
 
-FORMAT = "llmdrop.act/1"
+FORMAT = ACT_FORMAT
 DEFAULT_TASK = Path(__file__).parent / "data" / "act_mc.jsonl"
 
 

@@ -5,7 +5,6 @@ it) or an already loaded model; calibration is a source string or a ``CalibSpec`
 pipeline stages; the verbs of the analysis commands live in their own modules and are re-exported here.
 """
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from .models import (
     source_of,
 )
 from .plan import DropPlan
+from .record import read_record
 from .request import DropRequest
 from .runner import is_streamed
 from .scoring import Scores
@@ -290,7 +290,7 @@ def drop(
         replacements=stored_replacements(loaded.adapter, folds) if folds and is_streamed(loaded) else None,
         progress=progress,
     )
-    return json.loads((path / "llmdrop.json").read_text())
+    return read_record(path)
 
 
 def _given_scores(request: DropRequest, model: ModelArg) -> Scores | None:

@@ -26,8 +26,9 @@ import torch
 from .compat import cache_kwarg, output_cache, quiet_cache_rename
 from .errors import LlmdropError
 from .plan import DropPlan, parse_layers
+from .record import BENCH_FORMAT
 
-FORMAT = "llmdrop.bench/1"
+FORMAT = BENCH_FORMAT
 
 # Public config.json values of well-known models (enough to rebuild their shapes offline).
 _LLAMA3_ROPE = {

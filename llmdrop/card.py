@@ -15,12 +15,11 @@ from pathlib import Path
 from .errors import LlmdropError
 from .files import write_json
 from .models import BUILTIN_BASE_MODELS
+from .record import BENCH_FORMAT, RECORD_FILE
 
-RECORD_FILE = "llmdrop.json"
 CARD_FILE = "README.md"
 EVAL_RESULTS_FILE = "eval_results.json"
 BENCH_RESULTS_FILE = "bench_results.json"
-BENCH_FORMAT = "llmdrop.bench/1"
 PLOT_FILES = ("scores.png", "importance.png")  # `llmdrop score --plot FILE`, copied into the folder
 BENCH_PLOT_FILES = ("bench.png", "bench_results.png")  # `llmdrop bench --plot FILE`
 HEAL_PLOT_FILE = "healing_loss.png"  # written by `llmdrop heal`

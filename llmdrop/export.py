@@ -11,20 +11,15 @@ The model is transformed in place and saved from there, so only one copy is ever
 
 import json
 import logging
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
-from . import __version__
 from .errors import LlmdropError
 from .exporters import choose_exporter
 from .files import atomic_dir, check_output_dir
 from .models import LoadedModel, resolve_dtype
 from .plan import DropPlan
+from .record import EXPORT_FORMAT, now, source, versions, write_record
 
-FORMAT = "llmdrop.export/1"
 # Keys transformers writes into tokenizer_config.json about how *this* machine fetched the files (e.g. offline):
 # meaningless, or harmful (``local_files_only``), for whoever loads the checkpoint elsewhere.
 _LOADING_KEYS = (
@@ -40,18 +35,7 @@ _LOADING_KEYS = (
     "_commit_hash",
 )
 
-__all__ = ["FORMAT", "check_output_dir", "export", "provenance", "versions"]
-
-
-def versions() -> dict:
-    import transformers
-
-    return {
-        "llmdrop": __version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
+__all__ = ["export", "provenance"]
 
 
 def strip_gguf_quantization(model) -> None:
@@ -65,14 +49,8 @@ def strip_gguf_quantization(model) -> None:
 def provenance(loaded: LoadedModel, plan: DropPlan, *, scores=None, calibration=None, extra=None) -> dict:
     attn, mlp = plan.exported_sublayers()
     return {
-        "format": FORMAT,
-        "source": {
-            "model": loaded.source,
-            "path": loaded.path,
-            "gguf_file": loaded.gguf_file,
-            "model_type": loaded.info.get("model_type", loaded.model.config.model_type),
-            "num_layers": plan.num_layers,
-        },
+        "format": EXPORT_FORMAT,
+        "source": source(loaded, plan.num_layers),
         "plan": plan.to_dict(),
         "layer_map": {str(k): v for k, v in plan.layer_map().items()},
         "exported": {
@@ -84,7 +62,7 @@ def provenance(loaded: LoadedModel, plan: DropPlan, *, scores=None, calibration=
         "scores": scores.to_dict() if scores is not None else None,
         "calibration": calibration or (scores.calibration if scores is not None else None),
         "versions": versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
         **(extra or {}),
     }
 
@@ -205,7 +183,7 @@ def export(
         save_tokenizer(loaded.tokenizer, tmp)
         if not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(tmp)
-        (tmp / "llmdrop.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_record(record, tmp)
         (tmp / "README.md").write_text(model_card(record, base_model=base_model))
         check_reload(tmp, exporter.model_class(json.loads((tmp / "config.json").read_text())))
     return out

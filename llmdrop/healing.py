@@ -22,7 +22,6 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -31,8 +30,9 @@ import torch.nn.functional as F
 from .card import HEAL_PLOT_FILE
 from .data import CalibSpec, check_sizes
 from .errors import LlmdropError
-from .files import atomic_dir, check_output_dir, write_json
+from .files import atomic_dir, check_output_dir
 from .models import LoadedModel, LoadSpec, ModelArg, as_spec, model_input, resolve_source, source_num_layers
+from .record import now, read_record, write_record
 
 INSTALL_PEFT = "pip install 'llmdrop[heal]'"
 DEFAULT_LR = {"lora": 1e-3, "last": 2e-4, "full": 5e-5}  # per method; see docs/healing.md
@@ -265,20 +265,6 @@ def distill(
 # --------------------------------------------------------------------------- checks
 
 
-def read_record(folder: Path) -> dict:
-    path = folder / "llmdrop.json"
-    if not path.is_file():
-        raise LlmdropError(
-            f"{folder} is not an llmdrop export (no llmdrop.json): heal starts from the output of `llmdrop drop`"
-        )
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        record["source"]["num_layers"], record["layer_map"]  # noqa: B018 - what heal relies on
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LlmdropError(f"cannot read the provenance record {path}: missing or malformed {e}") from None
-    return record
-
-
 def teacher_spec(record: dict, teacher: ModelArg, student: LoadSpec) -> LoadSpec:
     """The teacher: ``teacher`` if given, else the source recorded in llmdrop.json (as typed, else the path loaded)."""
     if teacher is not None:
@@ -459,7 +445,9 @@ def heal(
             raise LlmdropError(f"{name} must be a positive number, got {value!r}")
     if not (isinstance(eval_split, (int, float)) and 0 <= eval_split < 1):
         raise LlmdropError(f"--eval-split must be in [0, 1), got {eval_split!r}")
-    record = read_record(folder)
+    record = read_record(
+        folder, needs=("source.num_layers", "layer_map"), what="heal starts from the output of `llmdrop drop`"
+    )
     if method.kind == "last":
         n_student = source_num_layers(str(folder))
         if n_student is not None and method.last > n_student:
@@ -568,7 +556,7 @@ def heal(
         "seconds": round(run["seconds"], 1),
         "cpu_seconds": round(run["cpu_seconds"], 1),
         "device": str(next(model.parameters()).device),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
     }
     record["healing"] = [*(record.get("healing") or []), entry]
 
@@ -579,7 +567,7 @@ def heal(
     with atomic_dir(out, overwrite, inputs=[folder]) as tmp:
         shutil.copytree(folder, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*STALE_FILES, ".*"))
         replace_weights(model, tmp, save_dtype)
-        write_json(record, tmp / "llmdrop.json")
+        write_record(record, tmp)
         plot_losses(entry, tmp / HEAL_PLOT_FILE)
         card, status = refresh_card(tmp)
         if card is not None:

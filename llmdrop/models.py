@@ -10,6 +10,7 @@ import torch
 
 from .arch import EXPORT_PREFIX, Adapter, adapter_for
 from .errors import LlmdropError
+from .record import RECORD_FILE
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (pip package holding a GGUF file, how to install it)
@@ -181,7 +182,7 @@ def is_llmdrop_export(path: str) -> bool:
         return False
     model_type = json.loads(config.read_text()).get("model_type", "")
     return model_type.startswith(EXPORT_PREFIX) or (
-        model_type == "nemotron-nas" and (Path(path) / "llmdrop.json").is_file()
+        model_type == "nemotron-nas" and (Path(path) / RECORD_FILE).is_file()
     )
 
 

@@ -32,9 +32,8 @@ from .files import JSON, atomic_file, check_outputs, plot_suffixes, write_json
 from .manipulate import KINDS, PREVIOUS_TOKEN_KINDS, Manipulation, capture_layer_inputs, last_logits
 from .models import ModelArg, as_loaded, model_input
 from .plan import parse_layers
+from .record import INJECT_FORMAT, PROBE_FORMAT
 
-PROBE_FORMAT = "llmdrop.probe/1"
-INJECT_FORMAT = "llmdrop.inject/1"
 CAPITALS_FILE = Path(__file__).parent / "data" / "capitals.jsonl"
 # One-shot Q/A template as in the paper; France is the shot, so it is not among the questions. The answer restates
 # the question: with a bare "A: Paris" shot SmolLM2-135M mostly repeats the country (5% vs 52% accuracy).

@@ -35,17 +35,17 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager, redirect_stdout
-from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .errors import LlmdropError
+from .record import QUANTIZE_FORMAT, RECORD_FILE, now, source, versions, write_record
 
 METHODS = ("gptq", "awq")
 BITS = (4, 8)  # what vLLM's compressed-tensors kernels (Marlin) serve for integer weights with 16-bit activations
 INSTALL = "pip install 'llmdrop[quant]'"
-FORMAT = "llmdrop.quantize/1"  # llmdrop.json of a quantized checkpoint whose source had none
 IGNORE = ["lm_head"]  # the output projection stays in full precision, as in llm-compressor's examples
 # How each group's scale (and zero point) is chosen: min/max of the group, or the clipping range with the least
 # squared error (compressed-tensors' weight observers). "auto": mse for GPTQ, minmax for AWQ (which searches its
@@ -78,15 +78,13 @@ def require_llmcompressor():
 def compressor_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    import transformers
-
     out = {}
     for dist in ("llmcompressor", "compressed-tensors"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
             out[dist] = None
-    return {**out, "transformers": transformers.__version__, "torch": torch.__version__}
+    return versions(**out)
 
 
 def compute_device() -> str:
@@ -512,29 +510,21 @@ def quantize(
             "device": compute_device(),
             "seconds": round(seconds, 1),
             "versions": compressor_versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": now(),
         }
-        record_path = source_dir / "llmdrop.json" if source_dir else None
+        record_path = source_dir / RECORD_FILE if source_dir else None
         source_record = bool(record_path and record_path.is_file())
         if source_record:
             record = json.loads(record_path.read_text())
         else:
-            from .export import versions
-
             record = {
-                "format": FORMAT,
-                "source": {
-                    "model": loaded.source,
-                    "path": loaded.path,
-                    "gguf_file": loaded.gguf_file,
-                    "model_type": loaded.info.get("model_type", net.config.model_type),
-                    "num_layers": net.config.num_hidden_layers,
-                },
+                "format": QUANTIZE_FORMAT,
+                "source": source(replace(loaded, model=net)),
                 "versions": versions(),
                 "created": q["created"],
             }
         record["quantization"] = q
-        (tmp / "llmdrop.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_record(record, tmp)
         (tmp / "README.md").write_text(quantized_card(record, source_record=source_record, remote_code=remote_code))
         weights = _weights_bytes(tmp)
     return {

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from .arch import absent_parts, mask_absent
 from .errors import LlmdropError
+from .record import SCORES_FORMAT
 from .runner import Collector, layer_input, layer_output, run
 
-FORMAT = "llmdrop.scores/1"
+FORMAT = SCORES_FORMAT
 KINDS = ("attn", "mlp", "block")
 METRICS = ("cosine", "angular")
 

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError
-from llmdrop.export import FORMAT, export
+from llmdrop.export import export
+from llmdrop.record import EXPORT_FORMAT as FORMAT
 from llmdrop.exporters import DROP_CODE_FILES
 from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
