@@ -12,7 +12,6 @@ a twin of each model on the meta device (shapes only, no memory). Random-weight 
 """
 
 import importlib.util
-import json
 import math
 import os
 import tempfile
@@ -35,7 +34,6 @@ from .errors import LlmdropError
 
 # in-process engine core inside each worker (no second process per model); 1 GiB of KV cache on CPU unless set
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-SERVABLE = ("nemotron-nas", "vanilla")
 
 
 def check_vllm() -> str:
@@ -67,7 +65,7 @@ def random_config_dir(shape: str, variant: str, folder: Path, dtype: torch.dtype
     adapter = adapter_for(model.config)
     plan = parse_variant(variant, model.config.num_hidden_layers)
     exporter, _ = choose_exporter("auto", model, adapter, plan)
-    if exporter.name not in SERVABLE:
+    if "vllm" not in exporter.engines:
         why = EXPORTERS["nemotron-nas"].refusal(model, adapter, plan)
         raise LlmdropError(f"vLLM cannot serve variant {variant!r} of {shape}: nemotron-nas cannot hold it ({why})")
     exporter.apply(model, adapter, plan)
@@ -76,11 +74,14 @@ def random_config_dir(shape: str, variant: str, folder: Path, dtype: torch.dtype
 
 
 def _servable_dir(path: Path) -> None:
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type", "").startswith("llmdrop_"):
+    from .exporters import EXPORTERS, exporter_of
+
+    exporter = exporter_of(path)
+    if exporter is not None and "vllm" not in exporter.engines:
+        served = [name for name, e in EXPORTERS.items() if "vllm" in e.engines]
         raise LlmdropError(
-            f"{path}: vLLM cannot serve llmdrop's remote-code format; re-export it with --format nemotron-nas "
-            "(Llama, Mistral, Qwen2) or drop whole blocks only (vanilla)"
+            f"{path}: vLLM cannot serve llmdrop's {exporter.name} format; re-export it with --format "
+            f"{' or '.join(served)} (nemotron-nas: Llama, Mistral, Qwen2; vanilla: whole blocks only)"
         )
 
 

@@ -186,27 +186,10 @@ def healing_section(entries: list[dict], plot: str | None = None) -> list[str]:
 
 
 def serve_section(fmt: str | None, where: str) -> list[str]:
-    """How to serve the checkpoint with vLLM, by export format."""
-    if fmt == "nemotron-nas":
-        return [
-            "## How to serve",
-            "",
-            "The config is in the `nemotron-nas` (DeciLM) format, which vLLM serves natively: layers without attention "
-            "get no KV cache, with paged attention and CUDA graphs as usual (SGLang and llama.cpp's converter read "
-            "the same format; untested).",
-            "",
-            "```bash",
-            f"vllm serve {where} --trust-remote-code",
-            "```",
-            "",
-        ]
-    if fmt == "llmdrop":
-        return [
-            "vLLM cannot serve this format natively (its Transformers backend would give every layer a KV cache); "
-            "for Llama-family models, `llmdrop drop --format nemotron-nas` writes one it serves.",
-            "",
-        ]
-    return []
+    """How to serve the checkpoint, as its export format says."""
+    from .exporters import EXPORTERS
+
+    return EXPORTERS[fmt].serving(where) if fmt in EXPORTERS else []
 
 
 def model_card(

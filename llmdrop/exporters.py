@@ -2,7 +2,9 @@
 
 An exporter says whether it can hold a drop plan applied to a model (and if not, why, in one sentence),
 turns the in-memory model into what the checkpoint holds, writes config, weights and code, and names the
-class transformers will load it with (so the export can check its own reload). Everything the formats share
+class transformers will load it with (so the export can check its own reload). It also owns what the rest of
+llmdrop asks about the format: whether a checkpoint on disk is an export of it (``recognizes``), whether loading
+it runs remote code, which engines serve it, and its model card's serving section. Everything the formats share
 (provenance, card, tokenizer, atomic folder, the reload check) lives in ``export.py``.
 
 A new format is one subclass here plus its entry in ``EXPORTERS`` (and ``AUTO_ORDER`` if ``--format auto``
@@ -46,6 +48,16 @@ def auto_map(model_cls) -> dict:
 class Exporter:
     name: str = ""
     description: str = ""
+    remote_code = True  # loading it runs the code shipped beside it (trust_remote_code)
+    engines: tuple[str, ...] = ("transformers",)  # what serves it (llmdrop bench --engine, the card)
+
+    def recognizes(self, config: dict, folder: Path) -> bool:
+        """Is the checkpoint in ``folder`` (its config.json: ``config``) an llmdrop export in this format?"""
+        return False
+
+    def serving(self, where: str) -> list[str]:
+        """The model card's lines on serving the checkpoint at ``where`` (a Hub id or a path)."""
+        return []
 
     def source_refusal(self, config, base: str) -> str | None:
         """Why this format cannot hold any drop of a model with this config (attributes read with getattr, so a
@@ -77,6 +89,11 @@ class Exporter:
 class VanillaExporter(Exporter):
     name = "vanilla"
     description = "the base architecture with fewer layers, no custom code (whole blocks only)"
+    remote_code = False
+    engines = ("transformers", "vllm")
+
+    def recognizes(self, config, folder):
+        return not config.get("auto_map") and _recorded_format(folder) == self.name
 
     def refusal(self, model, adapter, plan):
         if plan.attn or plan.mlp:
@@ -102,6 +119,18 @@ class VanillaExporter(Exporter):
 class LlmdropExporter(Exporter):
     name = "llmdrop"
     description = "the base architecture plus llmdrop's remote code (trust_remote_code=True): any plan"
+
+    def recognizes(self, config, folder):
+        from .arch import EXPORT_PREFIX
+
+        return str(config.get("model_type", "")).startswith(EXPORT_PREFIX)
+
+    def serving(self, where):
+        return [
+            "vLLM cannot serve this format natively (its Transformers backend would give every layer a KV cache); "
+            "for Llama-family models, `llmdrop drop --format nemotron-nas` writes one it serves.",
+            "",
+        ]
 
     def apply(self, model, adapter, plan):
         from .surgery import apply_plan, drop_sublayers
@@ -165,6 +194,26 @@ class NemotronNasExporter(LlmdropExporter):
 
     name = "nemotron-nas"
     description = "DeciLM block_configs (vLLM, SGLang, llama.cpp read it natively) plus remote code: Llama family"
+    engines = ("transformers", "vllm")
+
+    def recognizes(self, config, folder):
+        # NVIDIA's own DeciLM checkpoints share the model type; llmdrop's carry its provenance record
+        return config.get("model_type") == "nemotron-nas" and _recorded_format(folder) is not None
+
+    def serving(self, where):
+        return [
+            "## How to serve",
+            "",
+            "The config is in the `nemotron-nas` (DeciLM) format, which vLLM serves natively: layers without attention "
+            "get no KV cache, with paged attention and CUDA graphs as usual (SGLang and llama.cpp's converter read "
+            "the same format; untested).",
+            "",
+            "```bash",
+            f"vllm serve {where} --trust-remote-code",
+            "```",
+            "",
+        ]
+
     BASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # source model_type -> classes used
 
     def refusal(self, model, adapter, plan):
@@ -236,6 +285,34 @@ class NemotronNasExporter(LlmdropExporter):
 
 
 EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), LlmdropExporter())}
+
+
+def _recorded_format(folder: Path) -> str | None:
+    """The format llmdrop.json records for ``folder`` ("" for a record without one; None: no record)."""
+    from .record import RECORD_FILE
+
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        exported = json.loads(path.read_text()).get("exported") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return exported.get("format") or ("llmdrop" if exported.get("remote_code") else "vanilla" if exported else "")
+
+
+def exporter_of(folder) -> Exporter | None:
+    """The format of an llmdrop export on disk (None: not a checkpoint llmdrop wrote, as far as it can tell)."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return next((e for e in EXPORTERS.values() if e.recognizes(config, Path(folder))), None)
+
+
 AUTO_ORDER = ("vanilla", "nemotron-nas", "llmdrop")  # `--format auto`: the first format that can hold the plan
 
 

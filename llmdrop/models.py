@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .arch import EXPORT_PREFIX, Adapter, adapter_for
+from .arch import Adapter, adapter_for
 from .errors import LlmdropError
-from .record import RECORD_FILE
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (pip package holding a GGUF file, how to install it)
@@ -176,14 +175,11 @@ def model_input(model) -> str | None:
 
 
 def is_llmdrop_export(path: str) -> bool:
-    """An llmdrop export with remote code (llmdrop_* model types, or nemotron-nas with llmdrop's provenance)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    model_type = json.loads(config.read_text()).get("model_type", "")
-    return model_type.startswith(EXPORT_PREFIX) or (
-        model_type == "nemotron-nas" and (Path(path) / RECORD_FILE).is_file()
-    )
+    """An llmdrop export whose format loads with remote code (its code is llmdrop's: trusted as llmdrop loads it)."""
+    from .exporters import exporter_of
+
+    exporter = exporter_of(path)
+    return exporter is not None and exporter.remote_code
 
 
 def load_error(source: str, path: str, error: Exception) -> LlmdropError:

@@ -20,10 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError
 from llmdrop.export import export
-from llmdrop.record import EXPORT_FORMAT as FORMAT
 from llmdrop.exporters import DROP_CODE_FILES
 from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
+from llmdrop.record import EXPORT_FORMAT as FORMAT
 
 N = 6
 # Attention of layer 0 dropped: DynamicCache.get_seq_length() reads cache layer 0, which must be a kept one.
@@ -588,3 +588,29 @@ def test_ffn_size_round_trips_or_is_given(intermediate, hidden, fields):
     from llmdrop.exporters import ffn_size_fields
 
     assert ffn_size_fields(intermediate, hidden) == fields
+
+
+@pytest.mark.parametrize(
+    "fmt, plan", [("vanilla", {"blocks": [1]}), ("nemotron-nas", {"attn": [2]}), ("llmdrop", {"mlp": [3]})]
+)
+def test_each_format_recognizes_its_exports_on_disk(fmt, plan, tmp_path):
+    """The exporter owns recognising its checkpoints, whether they run remote code, and which engines serve them."""
+    from llmdrop.bench_vllm import _servable_dir
+    from llmdrop.exporters import EXPORTERS, exporter_of
+    from llmdrop.models import is_llmdrop_export
+
+    src = tmp_path / "src"
+    tiny_model("llama", 4).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    assert exporter_of(src) is None and not is_llmdrop_export(str(src))
+    export(load_model(str(src), device="cpu"), DropPlan(4, **plan), tmp_path / "out", fmt=fmt)
+    exporter = exporter_of(tmp_path / "out")
+    assert exporter is EXPORTERS[fmt]
+    assert is_llmdrop_export(str(tmp_path / "out")) is (fmt != "vanilla")
+    if "vllm" in exporter.engines:
+        _servable_dir(tmp_path / "out")
+    else:
+        with pytest.raises(
+            LlmdropError, match="vLLM cannot serve llmdrop's llmdrop format; re-export it with --format"
+        ):
+            _servable_dir(tmp_path / "out")
