@@ -160,7 +160,7 @@ def test_help_imports_neither_torch_nor_transformers():
 
 
 def test_debug_is_one_global_option(workdir, monkeypatch):
-    from llmdrop import cli
+    from llmdrop.cli import common as cli
     from llmdrop.errors import LlmdropError
 
     monkeypatch.setitem(cli._state, "debug", False)
