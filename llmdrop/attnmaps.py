@@ -30,6 +30,7 @@ import torch
 
 from .compat import cache_kwarg, output_cache, quiet_cache_rename
 from .errors import LlmdropError
+from .runner import layer_output
 
 FORMATS = ("png", "html")
 HTML_NAME = "attnmap.html"
@@ -169,7 +170,7 @@ def capture(
     outputs, weights = {}, {}
 
     def keep_output(module, args, out, l):
-        outputs[l] = out[0] if isinstance(out, tuple) else out
+        outputs[l] = layer_output(out)
 
     def keep_query_row(module, args, out, l):
         w = out[1] if isinstance(out, tuple) and len(out) > 1 else None

@@ -30,6 +30,7 @@ import torch
 from .arch import Adapter, adapter_for
 from .compat import call_cache
 from .errors import LlmdropError
+from .runner import layer_input
 
 KINDS = ("freeze", "random", "shuffle", "skip-attention", "inject")
 PREVIOUS_TOKEN_KINDS = ("freeze", "random", "shuffle", "skip-attention")  # what `probe --manipulation all` runs
@@ -49,10 +50,6 @@ def token_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pos = mask.long().cumsum(1) - 1
     last = mask & (pos == mask.long().sum(1, keepdim=True) - 1)
     return pos.clamp(min=0), mask & ~last
-
-
-def _hidden_arg(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _with_hidden(args, kwargs, hidden):
@@ -117,7 +114,7 @@ class Manipulation:
 
     def _layer_hook(self, index: int):
         def hook(module, args, kwargs):
-            hidden = _hidden_arg(args, kwargs)
+            hidden = layer_input(args, kwargs)
             new = self._apply(index, hidden)
             return None if new is None else _with_hidden(args, kwargs, new)
 
@@ -231,7 +228,7 @@ def capture_layer_inputs(target):
     inputs: list[torch.Tensor] = []
 
     def hook(module, args, kwargs, output):  # a forward hook sees the (pre-hook modified) inputs
-        inputs.append(_hidden_arg(args, kwargs).detach().float().clone())
+        inputs.append(layer_input(args, kwargs).detach().float().clone())
 
     handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in adapter.layer_list(model)]
     try:
