@@ -8,7 +8,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module it is found in: every CLI verb is a function of the api module (tests/test_cli.py)
 _PUBLIC = {
     "score": "api",
     "drop": "api",

@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from . import _PUBLIC
 from .arch import absent_parts, mask_absent
 from .compensate import check_supported, compensate_linear, stored_replacements
 from .data import CalibSpec, check_seq_len, check_sizes, load_texts, max_positions, tokens_from_texts
@@ -18,7 +19,6 @@ from .files import JSON, check_output_dir, check_outputs, check_writable_parent,
 from .models import (
     DEFAULT_MODEL,
     LoadedModel,
-    LoadSpec,
     ModelArg,
     as_loaded,
     as_spec,
@@ -37,23 +37,8 @@ from .selectors import selector
 DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
 DEFAULT_EVAL_SEQ_LEN = 512
 
-__all__ = [
-    "LoadSpec",
-    "CalibSpec",
-    "score",
-    "drop",
-    "evaluate",
-    "quantize",
-    "heal",
-    "push",
-    "bench",
-    "probe",
-    "inject",
-    "attnmap",
-    "act_search",
-    "act_eval",
-    "act_apply",
-]
+# the public names that are this module's: written once, in llmdrop/__init__.py
+__all__ = [name for name, module in _PUBLIC.items() if module == "api"]
 
 
 def score(
@@ -399,10 +384,10 @@ def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> di
 
 # The verbs of the other stages and of the analysis commands, so that every CLI verb is found here (imported last:
 # some of those modules use the helpers above).
-from .act import act_apply, act_eval, act_search  # noqa: E402
-from .attnmaps import attnmap  # noqa: E402
-from .benchmark import bench  # noqa: E402
-from .healing import heal  # noqa: E402
-from .hub import push  # noqa: E402
-from .probing import inject, probe  # noqa: E402
-from .quantize import quantize  # noqa: E402
+from .act import act_apply, act_eval, act_search  # noqa: E402, F401
+from .attnmaps import attnmap  # noqa: E402, F401
+from .benchmark import bench  # noqa: E402, F401
+from .healing import heal  # noqa: E402, F401
+from .hub import push  # noqa: E402, F401
+from .probing import inject, probe  # noqa: E402, F401
+from .quantization import quantize  # noqa: E402, F401

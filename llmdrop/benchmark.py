@@ -1,10 +1,10 @@
-"""`llmdrop bench`: check the outputs, run one engine (``bench``: transformers, ``bench_vllm``: vLLM), write the report
+"""`llmdrop bench`: check the outputs, run one engine (``bench``: transformers, ``speed_vllm``: vLLM), write the report
 (JSON, plot, Markdown). The engines share their settings, model specs and report (``bench``)."""
 
-from .bench import markdown_table, plot_report, transformers_bench
 from .errors import LlmdropError
 from .files import JSON, MARKDOWN, atomic_write_text, check_outputs, plot_suffixes, write_json
 from .models import model_input
+from .speed import markdown_table, plot_report, transformers_bench
 
 
 def bench(
@@ -31,7 +31,7 @@ def bench(
 ) -> dict:
     """`llmdrop bench`: load / build every model, measure them interleaved, write JSON / plot / markdown.
 
-    ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.bench_vllm``)."""
+    ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.speed_vllm``)."""
     check_outputs(
         {"--out": (out, JSON), "--plot": (plot, plot_suffixes() if plot else None), "--markdown": (markdown, MARKDOWN)},
         overwrite=overwrite,
@@ -52,7 +52,7 @@ def bench(
         progress=progress,
     )
     if engine == "vllm":
-        from .bench_vllm import vllm_bench
+        from .speed_vllm import vllm_bench
 
         if device != "auto":
             raise LlmdropError("--engine vllm runs where its build runs (CUDA or CPU): leave --device at auto")

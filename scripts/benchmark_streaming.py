@@ -41,12 +41,12 @@ def measure(name: str, args: list[str]) -> dict:
 
 
 def build(folder: Path) -> None:
-    """The random checkpoint (llmdrop.bench's llama-1b shape, saved in bfloat16) and a word-level tokenizer."""
+    """The random checkpoint (llmdrop.speed's llama-1b shape, saved in bfloat16) and a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llmdrop.bench import build_random
+    from llmdrop.speed import build_random
 
     model = build_random("llama-1b", "base", dtype=torch.bfloat16)
     model.save_pretrained(folder)

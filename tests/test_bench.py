@@ -1,4 +1,4 @@
-"""llmdrop.bench on the builtin `tiny` random shape, on CPU. Timings here are noise (a shared machine):
+"""llmdrop.speed on the builtin `tiny` random shape, on CPU. Timings here are noise (a shared machine):
 these tests assert logic only — the cache fed back, KV bytes, run order, theory numbers, output schema.
 
 The tiny shape: Llama, 4 layers, hidden 64, intermediate 128, 4 query heads / 2 KV heads of dim 16,
@@ -15,7 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmdrop.bench import (
+from llmdrop.benchmark import bench
+from llmdrop.cli import app
+from llmdrop.compat import call_cache
+from llmdrop.errors import LlmdropError
+from llmdrop.speed import (
     FORMAT,
     BenchModel,
     build_random,
@@ -29,10 +33,6 @@ from llmdrop.bench import (
     shape_config,
     weight_bytes_per_step,
 )
-from llmdrop.benchmark import bench
-from llmdrop.cli import app
-from llmdrop.compat import call_cache
-from llmdrop.errors import LlmdropError
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["base", "attn:2", "blocks:1"]

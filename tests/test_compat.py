@@ -14,8 +14,8 @@ from transformers import LlamaForCausalLM
 from llmdrop import compat
 from llmdrop.arch import adapter_for
 from llmdrop.attnmaps import capture
-from llmdrop.bench import build_random, make_prompt, run_once
 from llmdrop.data import sample_self
+from llmdrop.speed import build_random, make_prompt, run_once
 
 VERSION = Version(transformers.__version__)
 RENAMED = VERSION >= Version("5.24")  # 5.24 takes cache=, 5.17 past_key_values= (versions in between: either)

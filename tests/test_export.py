@@ -595,9 +595,9 @@ def test_ffn_size_round_trips_or_is_given(intermediate, hidden, fields):
 )
 def test_each_format_recognizes_its_exports_on_disk(fmt, plan, tmp_path):
     """The exporter owns recognising its checkpoints, whether they run remote code, and which engines serve them."""
-    from llmdrop.bench_vllm import _servable_dir
     from llmdrop.exporters import EXPORTERS, exporter_of
     from llmdrop.models import is_llmdrop_export
+    from llmdrop.speed_vllm import _servable_dir
 
     src = tmp_path / "src"
     tiny_model("llama", 4).save_pretrained(src)

@@ -23,7 +23,6 @@ from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from llmdrop.arch import adapter_for
-from llmdrop.bench import BenchModel, run_benchmark
 from llmdrop.card import END_MARKER, model_card, refresh_card, save_eval_result
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
@@ -31,6 +30,7 @@ from llmdrop.export import export
 from llmdrop.hub import push
 from llmdrop.models import LoadedModel
 from llmdrop.plan import DropPlan
+from llmdrop.speed import BenchModel, run_benchmark
 
 TOKEN = "hf_TESTtokenDoNotLeak0123456789"
 REPO = "me/tiny-drop"

@@ -25,7 +25,7 @@ from llmdrop.export import export
 from llmdrop.exporters import NEMOTRON_NAS_CODE_FILES
 from llmdrop.models import load_model
 from llmdrop.plan import DropPlan
-from llmdrop.quantize import INSTALL, choose_group_size, quantize, quantized_card
+from llmdrop.quantization import INSTALL, choose_group_size, quantize, quantized_card
 
 N = 6
 SUB_PLAN = dict(attn=[1], mlp=[3])  # remote-code export (nemotron-nas): an attention and an MLP sublayer dropped
@@ -210,7 +210,7 @@ def test_group_size_that_does_not_fit():
 
 def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr("llmdrop.quantize.quantize", lambda *a, **k: seen.update(k) or {})
+    monkeypatch.setattr("llmdrop.quantization.quantize", lambda *a, **k: seen.update(k) or {})
     CliRunner().invoke(app, ["quantize", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--method", "gptq"])
     assert seen["group_size"] is None
 
@@ -355,7 +355,7 @@ def test_group_size_must_divide_inputs(lc, sub_export, tmp_path):
 def test_awq_mappings_skip_dropped_sublayers(lc, sub_export):
     from transformers import AutoModelForCausalLM
 
-    from llmdrop.quantize import awq_mappings
+    from llmdrop.quantization import awq_mappings
 
     model = AutoModelForCausalLM.from_pretrained(sub_export, trust_remote_code=True)
     mappings = {m.balance_layers[0]: m.smooth_layer for m in awq_mappings(model)}
@@ -373,7 +373,7 @@ def test_awq_mappings_skip_dropped_sublayers(lc, sub_export):
 def test_pin_memory_is_a_no_op_only_while_quantizing_without_accelerator(lc):
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    from llmdrop.quantize import no_pin_memory_without_accelerator
+    from llmdrop.quantization import no_pin_memory_without_accelerator
 
     original = IntermediatesCache.pin_memory
     cache = IntermediatesCache.empty(1, torch.device("cpu"))

@@ -174,7 +174,7 @@ def quantize_cmd(
 
     Example: `llmdrop quantize smollm2-drop8attn -o smollm2-drop8attn-gptq --method gptq --group-size 64`
     """
-    from ..quantize import quantize
+    from ..quantization import quantize
     from ..report import console
 
     result = quantize(

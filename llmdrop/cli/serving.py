@@ -84,9 +84,9 @@ def bench_cmd(
 
     Example: `llmdrop bench --engine vllm --random-weights llama-3-8b base attn:16 blocks:8`
     """
-    from ..bench import parse_int_list, print_table
     from ..benchmark import bench
     from ..report import console
+    from ..speed import parse_int_list, print_table
 
     report = bench(
         models,

@@ -481,7 +481,7 @@ def _cpu_peaks(spec: dict, configs, gen_len: int, seed: int) -> list[int | None]
     request = json.dumps({"spec": spec, "configs": configs, "gen_len": gen_len, "seed": seed})
     # a fresh interpreter (not multiprocessing): nothing of this process's memory or __main__ comes along
     proc = subprocess.run(
-        [sys.executable, "-c", "from llmdrop.bench import _child_main; _child_main()"],
+        [sys.executable, "-c", "from llmdrop.speed import _child_main; _child_main()"],
         input=request,
         capture_output=True,
         text=True,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import (
+from .errors import LlmdropError
+from .speed import (
     BenchModel,
     _check_settings,
     assemble_report,
@@ -30,7 +31,6 @@ from .bench import (
     parse_variant,
     run_settings,
 )
-from .errors import LlmdropError
 
 # in-process engine core inside each worker (no second process per model); 1 GiB of KV cache on CPU unless set
 WORKER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -123,7 +123,7 @@ def _engine_facts(llm) -> dict:
     """What the engine allocated: KV-cache layers, bytes per token and block size; weight bytes; device name."""
 
     def read(worker):
-        from .bench import device_name
+        from .speed import device_name
 
         runner = worker.model_runner
         layers, per_token, block = 0, 0, None
