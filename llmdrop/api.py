@@ -229,24 +229,14 @@ def drop(
     # 3. calibration tokens, once
     tokens = calib.tokens(loaded.tokenizer, None if is_streamed(loaded) else loaded.model) if needs_tokens else None
 
-    # 4. choose
+    # 4. choose (explicitly, or by the selector)
     extra = {"skip_attention_from": request.skip_attention_from} if request.skip_attention_from is not None else {}
     if chooser is None:
         plan = DropPlan(loaded.num_layers, **_plan_lists(request.explicit_lists(loaded.num_layers, absent)))
         if plan.empty:
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
     else:
-        start = time.perf_counter()
-        if chooser.needs_cosine and scores is None:
-            scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens),
-                            _importance(loaded, tokens, request, progress))  # fmt: skip
-        importance = mask_absent(scores.importance, absent) if scores else None  # older scores gave them 0
-        plan, record, own = chooser.choose(loaded, tokens, importance, request, absent=absent, progress=progress)
-        if own is not None:
-            scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens), own)
-        if isinstance(record, dict):
-            record["seconds_total"] = round(time.perf_counter() - start, 3)  # calibration and scoring too
-        extra[chooser.record_key] = record
+        plan, extra[chooser.record_key], scores = _choose(chooser, loaded, tokens, request, scores, calib, progress)
     plan = plan.without_empty_layers(absent)
     if any(absent.values()):
         extra["already_dropped"] = absent  # the source export's own drops; the plan is what this run removed
@@ -290,10 +280,22 @@ def _given_scores(request: DropRequest, model: ModelArg) -> Scores | None:
     return scores
 
 
-def _importance(loaded: LoadedModel, tokens, request: DropRequest, progress: bool) -> dict:
+def _choose(chooser, loaded: LoadedModel, tokens, request: DropRequest, scores, calib, progress: bool):
+    """(the plan, the selector's record, the scores to record): cosine scores first if the selector needs them and
+    --scores gave none (in memory or streamed), then the selector; parts the source lacks are never chosen."""
     from .scoring import importance
 
-    return importance(loaded, tokens, metric=request.metric, batch_size=request.batch_size, progress=progress)
+    start, absent = time.perf_counter(), absent_parts(loaded.model.config)
+    if chooser.needs_cosine and scores is None:
+        imp = importance(loaded, tokens, metric=request.metric, batch_size=request.batch_size, progress=progress)
+        scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens), imp)
+    masked = mask_absent(scores.importance, absent) if scores else None  # scores of an older llmdrop gave them 0
+    plan, record, own = chooser.choose(loaded, tokens, masked, request, absent=absent, progress=progress)
+    if own is not None:
+        scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens), own)
+    if isinstance(record, dict):
+        record["seconds_total"] = round(time.perf_counter() - start, 3)  # calibration and scoring too
+    return plan, record, scores
 
 
 def _plan_lists(lists: dict) -> dict:
