@@ -51,3 +51,15 @@ def one_thread_for_tiny_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Record any model load or scoring pass: a refusal that must come before any model work asserts it stays []."""
+    import llmdrop.models
+    import llmdrop.scoring
+
+    calls = []
+    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
+    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
+    return calls

@@ -38,15 +38,6 @@ def tiny(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture
-def no_model_work(monkeypatch):
-    """Record any model load or scoring pass: the refusals below must come before both."""
-    calls = []
-    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
-    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
-    return calls
-
-
 def error_line(*args) -> str:
     r = CliRunner().invoke(app, [str(a) for a in args])
     assert r.exit_code == 1, r.output

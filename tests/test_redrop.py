@@ -10,9 +10,6 @@ import torch
 from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-import llmdrop.api
-import llmdrop.models
-import llmdrop.scoring
 from llmdrop.cli import app
 from llmdrop.models import load_model
 
@@ -91,14 +88,6 @@ def test_an_mlp_dropped_where_attention_is_gone_removes_the_layer(world, tmp_pat
     record = json.loads((out / "llmdrop.json").read_text())
     assert record["plan"]["blocks"] == [1] and record["plan"]["mlp"] == []
     assert record["exported"]["num_layers"] == N - 1 and record["exported"]["drop_attn_list"] == [2]
-
-
-@pytest.fixture
-def no_model_work(monkeypatch):
-    calls = []
-    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
-    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
-    return calls
 
 
 @pytest.mark.parametrize("fmt", ["llmdrop", "nemotron-nas"])
