@@ -213,7 +213,7 @@ def drop(
     if request.max_shard_size is not None:
         _check_shard_size(model, stream=stream, in_memory=weights_change)
     needs_tokens = bool(request.compensate) or (
-        chooser is not None and chooser.needs_tokens and not (chooser.takes_scores and scores)
+        chooser is not None and (chooser.needs_tokens or (chooser.needs_cosine and scores is None))
     )
 
     # 2. load: a skeleton when streaming (or when only files are needed), else the model in memory

@@ -17,7 +17,7 @@ class Selector:
 
     name = ""
     help = ""
-    needs_tokens = True  # calibration tokens
+    needs_tokens = True  # calibration tokens to choose with (besides those that score, see needs_cosine)
     needs_cosine = False  # cosine importance: computed (in memory or streamed) unless --scores gives it
     takes_scores = False  # --scores may give that importance
     in_memory: str | None = None  # why it cannot run on a streamed model (None: it can)
@@ -45,6 +45,7 @@ class Selector:
 class Cosine(Selector):
     name = "cosine"
     help = "the lowest importance, in one shot (LLM-Drop)"
+    needs_tokens = False
     needs_cosine = takes_scores = True
 
     def choose(self, loaded, tokens, importance, request, *, absent, progress):

@@ -197,3 +197,15 @@ def test_bad_selection_requests_fail_before_loading(args, message, tmp_path):
     assert result.exit_code == 1
     assert message in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_loss_with_a_scores_file_still_evaluates_on_calibration_tokens(planted_dirs, tmp_path):
+    """--scores gives the cosine pre-filter only: the loss search still needs (and samples) its calibration tokens."""
+    calib = CalibSpec("self", samples=6, seq_len=24)
+    scores = llmdrop.score(str(planted_dirs["block"]), calib=calib, out=tmp_path / "s.json", progress=False)
+    record = llmdrop.drop(
+        str(planted_dirs["block"]), str(tmp_path / "out"), selector="loss", blocks=1, candidates=N,
+        scores=str(tmp_path / "s.json"), calib=calib, progress=False,
+    )  # fmt: skip
+    assert record["plan"]["blocks"] == [PLANTED] and record["selection"]["loss_samples"] == 6
+    assert record["scores"]["importance"] == scores.importance  # the file's scores, not new ones
