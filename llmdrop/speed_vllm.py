@@ -74,14 +74,13 @@ def random_config_dir(shape: str, variant: str, folder: Path, dtype: torch.dtype
 
 
 def _servable_dir(path: Path) -> None:
-    from .exporters import EXPORTERS, exporter_of
+    from .exporters import exporter_of
 
     exporter = exporter_of(path)
     if exporter is not None and "vllm" not in exporter.engines:
-        served = [name for name, e in EXPORTERS.items() if "vllm" in e.engines]
         raise LlmdropError(
-            f"{path}: vLLM cannot serve llmdrop's {exporter.name} format; re-export it with --format "
-            f"{' or '.join(served)} (nemotron-nas: Llama, Mistral, Qwen2; vanilla: whole blocks only)"
+            f"{path}: vLLM cannot serve llmdrop's {exporter.name} format; re-export it with --format nemotron-nas "
+            "(Llama, Mistral, Qwen2) or drop whole blocks only (vanilla)"
         )
 
 

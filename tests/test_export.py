@@ -611,6 +611,6 @@ def test_each_format_recognizes_its_exports_on_disk(fmt, plan, tmp_path):
         _servable_dir(tmp_path / "out")
     else:
         with pytest.raises(
-            LlmdropError, match="vLLM cannot serve llmdrop's llmdrop format; re-export it with --format"
+            LlmdropError, match="vLLM cannot serve llmdrop's llmdrop format; re-export it with --format nemotron-nas"
         ):
             _servable_dir(tmp_path / "out")
