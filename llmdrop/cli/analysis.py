@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Json, Model, Seed, app, cli_errors, model_options, print_json, require_out
+from .common import Json, Model, Seed, app, cli_errors, forward, model_options, print_json, require_out
 
 # ---- analysis: act (attention-sink calibration) ----
 
@@ -77,20 +77,7 @@ def act_search_cmd(
     from ..act import act_search
     from ..report import console
 
-    r = act_search(
-        model,
-        task=_default_task(task),
-        out=out,
-        beta=beta,
-        threshold=threshold,
-        layers=layers,
-        max_heads=max_heads,
-        greedy=greedy,
-        split=split,
-        seed=seed,
-        norm=norm,
-        batch_size=batch_size,
-    )
+    r = forward(act_search, locals(), task=_default_task(task))
     if json_out:
         print_json(r)
     else:
@@ -123,16 +110,7 @@ def act_eval_cmd(
     from ..act import act_eval
     from ..report import console
 
-    r = act_eval(
-        model,
-        task=_default_task(task),
-        heads=heads,
-        split=split,
-        seed=seed,
-        norm=norm,
-        part=part,
-        batch_size=batch_size,
-    )
+    r = forward(act_eval, locals(), task=_default_task(task))
     if json_out:
         print_json(r)
     elif heads:
@@ -170,15 +148,7 @@ def act_apply_cmd(
     from ..act import act_apply
     from ..report import console
 
-    path = act_apply(
-        model,
-        heads=heads,
-        out=out,
-        attn_layers=attn_layers,
-        mlp_layers=mlp_layers,
-        dtype=model.dtype,
-        overwrite=overwrite,
-    )
+    path = forward(act_apply, locals(), dtype=model.dtype)
     if json_out:
         print_json({"out": str(path)})
     else:
@@ -231,20 +201,7 @@ def attnmap_cmd(
     from ..attnmaps import attnmap
     from ..report import console
 
-    result = attnmap(
-        model,
-        prompt=prompt,
-        out=out,
-        chat=chat,
-        max_new_tokens=max_new_tokens,
-        formats=fmt,
-        heads=heads,
-        window=window,
-        stride=stride,
-        all_windows=all_windows,
-        top_k=top_k,
-        overwrite=overwrite,
-    )
+    result = forward(attnmap, locals(), formats=fmt)
     result.pop("capture")
     if json_out:
         print_json(result, ensure_ascii=False)

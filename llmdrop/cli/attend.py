@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Json, Model, Overwrite, Seed, app, cli_errors, model_options, print_json
+from .common import Json, Model, Overwrite, Seed, app, cli_errors, forward, model_options, print_json
 
 # ---- analysis: probe / inject (Attend First) ----
 
@@ -45,18 +45,7 @@ def probe_cmd(
     from ..probing import harmless_from, probe
     from ..report import console
 
-    result = probe(
-        model,
-        manipulation=manipulation,
-        task=task,
-        layers=layers,
-        samples=samples,
-        seed=seed,
-        batch_size=batch_size,
-        out=out,
-        plot=plot,
-        overwrite=overwrite,
-    )
+    result = forward(probe, locals())
     if json_out:
         print_json(result)
         return
@@ -125,22 +114,7 @@ def inject_cmd(
     def unescape(text):  # shells make "\n" hard to type
         return text.replace("\\n", "\n") if text is not None else None
 
-    result = inject(
-        model,
-        prompt=unescape(prompt),
-        word=word,
-        donor=unescape(donor),
-        donor_word=donor_word,
-        watch=watch,
-        task=task,
-        layers=layers,
-        samples=samples,
-        seed=seed,
-        batch_size=batch_size,
-        out=out,
-        plot=plot,
-        overwrite=overwrite,
-    )
+    result = forward(inject, locals(), prompt=unescape(prompt), donor=unescape(donor))
     if json_out:
         print_json(result)
         return

@@ -4,7 +4,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import BatchSize, Json, Model, Seed, app, calib_options, cli_errors, model_options, print_json
+from .common import BatchSize, Json, Model, Seed, app, calib_options, cli_errors, forward, model_options, print_json
 
 
 @app.command("eval")
@@ -79,19 +79,7 @@ def eval_cmd(
     from .. import api
     from ..report import console
 
-    result = api.evaluate(
-        model,
-        text=text,
-        seq_len=seq_len,
-        samples=samples,
-        seed=seed,
-        batch_size=batch_size,
-        save=save,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        include_path=include_path,
-    )
+    result = forward(api.evaluate, locals())
     saved = result.pop("saved_to", None)
     if json_out:
         print_json(result)
@@ -177,18 +165,7 @@ def quantize_cmd(
     from ..quantization import quantize
     from ..report import console
 
-    result = quantize(
-        model,
-        out,
-        method=method,
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-        observer=observer,
-        calib=calib,
-        overwrite=overwrite,
-        verbose=verbose,
-    )
+    result = forward(quantize, locals())
     if json_out:
         print_json(result)
     else:
@@ -267,22 +244,7 @@ def heal_cmd(
     from .. import api
     from ..report import console
 
-    result = api.heal(
-        model,
-        out,
-        teacher=teacher,
-        train=train,
-        rank=rank,
-        steps=steps,
-        lr=lr,
-        temperature=temperature,
-        calib=calib,
-        eval_split=eval_split,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        gradient_checkpointing=gradient_checkpointing,
-        overwrite=overwrite,
-    )
+    result = forward(api.heal, locals(), student=model)
     if json_out:
         print_json({k: v for k, v in result.items() if k != "loss_curve"})
     else:

@@ -207,6 +207,13 @@ def main(
         )
 
 
+def forward(fn, options: dict, **values):
+    """Call the api function ``fn`` with the command's options that are its parameters (same names, same meaning:
+    the library-first rule), ``values`` replacing or adding some (a parsed list, a built default)."""
+    params = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in {**options, **values}.items() if k in params})
+
+
 def print_json(data, **kwargs) -> None:
     """The one way a verb prints its --json result: indented JSON on stdout (human output goes to stderr)."""
     typer.echo(json.dumps(data, indent=2, **kwargs))

@@ -18,6 +18,7 @@ from .common import (
     app,
     calib_options,
     cli_errors,
+    forward,
     model_options,
     print_json,
 )
@@ -63,17 +64,7 @@ def score_cmd(
 
     if nproc_per_node > 1 and not launched_by_torchrun():
         raise typer.Exit(launch(nproc_per_node, sys.argv[1:]))  # the ranks run this very command line
-    scores = api.score(
-        model,
-        calib=calib,
-        metric=metric,
-        batch_size=batch_size,
-        out=out,
-        plot=plot,
-        stream=stream,
-        device_map=device_map,
-        overwrite=overwrite,
-    )
+    scores = forward(api.score, locals())
     if not is_main():
         return
     if json_out:

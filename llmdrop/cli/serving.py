@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Device, GgufFile, Json, Overwrite, TrustRemote, app, cli_errors, print_json
+from .common import Device, GgufFile, Json, Overwrite, TrustRemote, app, cli_errors, forward, print_json
 
 
 @app.command("bench")
@@ -88,25 +88,11 @@ def bench_cmd(
     from ..report import console
     from ..speed import parse_int_list, print_table
 
-    report = bench(
-        models,
-        random_weights=random_weights,
+    report = forward(
+        bench,
+        locals(),
         prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
-        gen_len=gen_len,
         batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
-        repeats=repeats,
-        warmup=warmup,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        memory=memory,
-        gguf_file=gguf_file,
-        trust_remote_code=trust_remote_code,
-        engine=engine,
-        out=out,
-        plot=plot,
-        markdown=markdown,
-        overwrite=overwrite,
     )
     if json_out:
         print_json(report)
@@ -160,9 +146,7 @@ def push_cmd(
     from ..hub import push
     from ..report import console
 
-    result = push(
-        folder, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run, token=token
-    )
+    result = forward(push, locals())
     if json_out:
         print_json(result)
         return
