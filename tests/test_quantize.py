@@ -209,8 +209,18 @@ def test_group_size_that_does_not_fit():
 
 
 def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
+    import inspect
+
+    import llmdrop.quantization
+
     seen = {}
-    monkeypatch.setattr("llmdrop.quantization.quantize", lambda *a, **k: seen.update(k) or {})
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return {}
+
+    spy.__signature__ = inspect.signature(llmdrop.quantization.quantize)  # the CLI hands over what quantize takes
+    monkeypatch.setattr("llmdrop.quantization.quantize", spy)
     CliRunner().invoke(app, ["quantize", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--method", "gptq"])
     assert seen["group_size"] is None
 
