@@ -22,15 +22,14 @@ class Selector:
     takes_scores = False  # --scores may give that importance
     in_memory: str | None = None  # why it cannot run on a streamed model (None: it can)
     record_key = "selection"  # where llmdrop.json keeps its record
+    only_counts = True  # chooses counted parts only (cosine also takes explicit lists beside counts)
 
     def check(self, request) -> None:
         if request.candidates is not None and request.candidates < 1:
             raise LlmdropError(f"--candidates must be >= 1 (got {request.candidates})")
         if request.loss_samples < 1:
             raise LlmdropError(f"--loss-samples must be >= 1 (got {request.loss_samples})")
-        if self.name == "cosine":
-            return
-        if request.explicit or not request.counted:
+        if self.only_counts and (request.explicit or not request.counted):
             raise LlmdropError(
                 f"--select {self.name} needs counts (--attn/--mlp/--blocks/--joint N) and no explicit lists"
             )
@@ -45,7 +44,7 @@ class Selector:
 class Cosine(Selector):
     name = "cosine"
     help = "the lowest importance, in one shot (LLM-Drop)"
-    needs_tokens = False
+    needs_tokens = only_counts = False
     needs_cosine = takes_scores = True
 
     def choose(self, loaded, tokens, importance, request, *, absent, progress):
