@@ -25,7 +25,11 @@ def launched_by_torchrun() -> bool:
 
 
 def setup() -> None:
-    """Join torchrun's process group (once); each rank gets its own CUDA device when there are any."""
+    """Join torchrun's process group (once); each rank gets its own CUDA device when there are any. The group is
+    destroyed at exit: a gloo group left to the interpreter's teardown can abort a rank ("terminate called without
+    an active exception") after its work is done, and torchrun then reports the run as failed."""
+    import atexit
+
     import torch
     import torch.distributed as dist
 
@@ -37,6 +41,14 @@ def setup() -> None:
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
     else:
         dist.init_process_group("gloo")
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # no barrier: a rank that died must not keep the others waiting
+        dist.destroy_process_group()
 
 
 def device_for_rank(device: str) -> str:
