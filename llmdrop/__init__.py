@@ -26,9 +26,9 @@ _PUBLIC = {
     "LoadSpec": "api",
     "CalibSpec": "api",
     "LlmdropError": "errors",
-    "manipulation": "manipulate",
-    "Manipulation": "manipulate",
-    "capture_layer_inputs": "manipulate",
+    "manipulation": "analysis.manipulate",
+    "Manipulation": "analysis.manipulate",
+    "capture_layer_inputs": "analysis.manipulate",
 }
 __all__ = ["__version__", *_PUBLIC]
 

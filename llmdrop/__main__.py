@@ -1,6 +1,6 @@
 """``python -m llmdrop ...``: the CLI, also as torchrun starts it (``torchrun --nproc-per-node N -m llmdrop ...``)."""
 
-from .cli import app
+from llmdrop.cli import app
 
 if __name__ == "__main__":
     app(prog_name="llmdrop")

@@ -9,14 +9,27 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import _PUBLIC
-from .arch import absent_parts, mask_absent
-from .compensate import check_supported, compensate_linear, stored_replacements
-from .data import CalibSpec, check_seq_len, check_sizes, load_texts, max_positions, tokens_from_texts
-from .errors import LlmdropError
-from .export import export
-from .files import JSON, check_output_dir, check_outputs, check_writable_parent, plot_suffixes
-from .models import (
+from llmdrop import _PUBLIC
+from llmdrop.errors import LlmdropError
+from llmdrop.files import DATA_DIR, JSON, check_output_dir, check_outputs, check_writable_parent, plot_suffixes
+from llmdrop.formats.export import export
+from llmdrop.passes.runner import is_streamed
+from llmdrop.passes.scoring import Scores
+from llmdrop.planning.compensate import check_supported, compensate_linear, stored_replacements
+from llmdrop.planning.plan import DropPlan
+from llmdrop.planning.selectors import selector
+from llmdrop.record import read_record
+from llmdrop.request import DropRequest
+from llmdrop.source.arch import absent_parts, mask_absent
+from llmdrop.source.calibration import (
+    CalibSpec,
+    check_seq_len,
+    check_sizes,
+    load_texts,
+    max_positions,
+    tokens_from_texts,
+)
+from llmdrop.source.models import (
     DEFAULT_MODEL,
     LoadedModel,
     ModelArg,
@@ -27,14 +40,8 @@ from .models import (
     source_identity,
     source_of,
 )
-from .plan import DropPlan
-from .record import read_record
-from .request import DropRequest
-from .runner import is_streamed
-from .scoring import Scores
-from .selectors import selector
 
-DEFAULT_EVAL_TEXT = Path(__file__).parent / "data" / "english_sample.txt"
+DEFAULT_EVAL_TEXT = DATA_DIR / "english_sample.txt"
 DEFAULT_EVAL_SEQ_LEN = 512
 
 # the public names that are this module's: written once, in llmdrop/__init__.py
@@ -56,12 +63,12 @@ def score(
 ) -> Scores:
     """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant).
 
-    ``stream``: one decoder layer at a time from the safetensors files (``llmdrop.streaming``), for models larger
+    ``stream``: one decoder layer at a time from the safetensors files (``llmdrop.source.streaming``), for models larger
     than memory. Under torchrun every rank scores its share of the batches; rank 0 alone writes ``out`` / ``plot``.
     ``device_map`` (e.g. ``"auto"``): one model in memory spread over several GPUs by accelerate.
     An existing ``out`` / ``plot`` is replaced only with ``overwrite``.
     """
-    from .distributed import device_for_rank, is_main, setup
+    from llmdrop.passes.distributed import device_for_rank, is_main, setup
 
     calib = CalibSpec.of(calib)
     check_sizes(batch_size=batch_size)
@@ -76,14 +83,14 @@ def score(
     if not isinstance(model, LoadedModel) and not device_map:  # under torchrun: this rank's own GPU
         model = replace(as_spec(model), device=device_for_rank(as_spec(model).device))
     if stream:
-        from .streaming import check_streamable, load_skeleton
+        from llmdrop.source.streaming import check_streamable, load_skeleton
 
         loaded = load_skeleton(check_streamable(model, calib))
         tokens = calib.fitted(loaded.model.config).tokens(loaded.tokenizer)
     else:
         loaded = as_loaded(model)
         tokens = calib.tokens(loaded.tokenizer, loaded.model)
-    from .scoring import importance
+    from llmdrop.passes.scoring import importance
 
     imp = importance(loaded, tokens, metric=metric, batch_size=batch_size, progress=progress)
     scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), imp)
@@ -92,7 +99,7 @@ def score(
     if out:
         scores.save(out)
     if plot:
-        from .report import plot_scores
+        from llmdrop.report import plot_scores
 
         plot_scores(scores, plot)
     return scores
@@ -121,7 +128,7 @@ def _check_scores_model(scores: Scores, where: str, model: ModelArg) -> None:
 def _check_shard_size(model: ModelArg, *, stream: bool, in_memory: bool) -> None:
     """--max-shard-size is refused unless the export will be copied tensor by tensor from safetensors files (told by
     the flags and the source, before any model work)."""
-    from .streaming import can_stream
+    from llmdrop.source.streaming import can_stream
 
     why = (
         "--compensate / --iterative change the weights in memory"
@@ -151,7 +158,7 @@ def _load_for_drop(model: ModelArg, *, stream: bool, calib, whole: bool) -> Load
     """What ``drop`` works on: a skeleton on the meta device (no weight read; scoring, if any, streams and the export
     copies tensors from the source files) with ``stream``, or when only the plan and the files are needed (explicit
     lists, a scores file) and the source is a safetensors checkpoint; else the whole model in memory."""
-    from .streaming import can_stream, check_streamable, load_skeleton
+    from llmdrop.source.streaming import can_stream, check_streamable, load_skeleton
 
     if stream:
         return load_skeleton(check_streamable(model, calib))
@@ -164,7 +171,7 @@ def _load_for_drop(model: ModelArg, *, stream: bool, calib, whole: bool) -> Load
 def _streamed_export_source(model: ModelArg, loaded: LoadedModel) -> LoadedModel:
     """A skeleton to export from, tensor by tensor from the source files, when they are safetensors (the whole model
     in memory is then let go); else ``loaded``."""
-    from .streaming import can_stream, load_skeleton
+    from llmdrop.source.streaming import can_stream, load_skeleton
 
     spec = as_spec(model)
     if loaded.info.get("weights_folder") or spec is None or not can_stream(spec):
@@ -283,7 +290,7 @@ def _given_scores(request: DropRequest, model: ModelArg) -> Scores | None:
 def _choose(chooser, loaded: LoadedModel, tokens, request: DropRequest, scores, calib, progress: bool):
     """(the plan, the selector's record, the scores to record): cosine scores first if the selector needs them and
     --scores gave none (in memory or streamed), then the selector; parts the source lacks are never chosen."""
-    from .scoring import importance
+    from llmdrop.passes.scoring import importance
 
     start, absent = time.perf_counter(), absent_parts(loaded.model.config)
     if chooser.needs_cosine and scores is None:
@@ -320,7 +327,7 @@ def evaluate(
     """Perplexity of ``model`` on ``text`` (default: the English sample shipped with llmdrop), in blocks of
     ``seq_len`` tokens (default: 512, or the model's positions if it has fewer).
 
-    ``tasks`` (names, or one comma-separated string) runs lm-evaluation-harness tasks instead (``llmdrop.harness``:
+    ``tasks`` (names, or one comma-separated string) runs lm-evaluation-harness tasks instead (``checkpoints.harness``:
     lm-eval 0.4.x, ``pip install 'llmdrop[eval]'``), with ``num_fewshot``, ``limit`` (documents per task, or a
     fraction below 1) and ``include_path`` (a folder of the user's own task YAMLs); the result is
     ``{"model", "tasks": [{"task", "metrics", "samples", "num_fewshot", ...}]}``. ``llmdrop_mc`` and
@@ -343,7 +350,7 @@ def evaluate(
     if save:
         check_writable_parent(folder / "eval_results.json")
     if tasks is not None:
-        from . import harness
+        from llmdrop.checkpoints import harness
 
         names, limit = harness.parse_tasks(tasks), harness.check_limit(limit)
         if num_fewshot is not None and num_fewshot < 0:
@@ -357,14 +364,14 @@ def evaluate(
     else:
         result = _perplexity(model, text, seq_len, samples, seed, batch_size, progress)
     if save:
-        from .card import save_eval_result
+        from llmdrop.formats.card import save_eval_result
 
         return {**result, "saved_to": str(save_eval_result(folder, result))}
     return result
 
 
 def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> dict:
-    from .evaluation import perplexity
+    from llmdrop.passes.evaluation import perplexity
 
     text_path = text or DEFAULT_EVAL_TEXT
     texts = load_texts(text_path)  # a bad text file fails before the model loads
@@ -386,10 +393,10 @@ def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> di
 
 # The verbs of the other stages and of the analysis commands, so that every CLI verb is found here (imported last:
 # some of those modules use the helpers above).
-from .act import act_apply, act_eval, act_search  # noqa: E402, F401
-from .attnmaps import attnmap  # noqa: E402, F401
-from .benchmark import bench  # noqa: E402, F401
-from .healing import heal  # noqa: E402, F401
-from .hub import push  # noqa: E402, F401
-from .probing import inject, probe  # noqa: E402, F401
-from .quantization import quantize  # noqa: E402, F401
+from llmdrop.analysis.act import act_apply, act_eval, act_search  # noqa: E402, F401
+from llmdrop.analysis.attnmaps import attnmap  # noqa: E402, F401
+from llmdrop.analysis.probing import inject, probe  # noqa: E402, F401
+from llmdrop.checkpoints.healing import heal  # noqa: E402, F401
+from llmdrop.checkpoints.quantization import quantize  # noqa: E402, F401
+from llmdrop.serving.benchmark import bench  # noqa: E402, F401
+from llmdrop.serving.hub import push  # noqa: E402, F401

@@ -15,7 +15,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LlmdropError
+from llmdrop.errors import LlmdropError
+
+DATA_DIR = Path(__file__).parent / "data"  # the files shipped inside the package (texts, tasks, the viewer)
 
 _TMP_TAG = ".llmdrop-tmp-"
 _OLD_TAG = ".llmdrop-old-"

@@ -7,8 +7,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .errors import LlmdropError
+from llmdrop import __version__
+from llmdrop.errors import LlmdropError
 
 RECORD_FILE = "llmdrop.json"
 # the "format" of every JSON file llmdrop writes
@@ -69,6 +69,6 @@ def read_record(folder, *, needs=(), what: str = "") -> dict:
 
 
 def write_record(record: dict, folder) -> None:
-    from .files import write_json
+    from llmdrop.files import write_json
 
     write_json(record, Path(folder) / RECORD_FILE)

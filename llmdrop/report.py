@@ -3,14 +3,13 @@
 from rich.console import Console
 from rich.table import Table
 
-from .files import atomic_file
-from .scoring import Scores
+from llmdrop.files import atomic_file
 
 # on stderr: stdout stays clean for --json
 console = Console(stderr=True)
 
 
-def scores_table(scores: Scores, plan=None) -> Table:
+def scores_table(scores, plan=None) -> Table:
     """One row per layer; the lowest (most redundant) values of each kind are highlighted; parts an export no
     longer has are shown as absent."""
     imp = scores.importance
@@ -42,7 +41,7 @@ def scores_table(scores: Scores, plan=None) -> Table:
     return table
 
 
-def plot_scores(scores: Scores, path, plan=None) -> None:
+def plot_scores(scores, path, plan=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,8 +8,8 @@ rules out. ``api.drop`` runs both before any model work, and the second again on
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LlmdropError
-from .plan import parse_layers, select
+from llmdrop.errors import LlmdropError
+from llmdrop.planning.plan import layers, parse_layers, select
 
 # the explicit lists, in the request's order: (field, part, name in messages, option)
 LISTS = (
@@ -80,9 +80,9 @@ class DropRequest:
     def check(self) -> None:
         """Everything that needs no model, in the order a user meets it (the selector's own checks are
         ``selectors.Selector.check``)."""
-        from .compensate import check_method
-        from .data import check_sizes
-        from .exporters import check_format_name
+        from llmdrop.formats.exporters import check_format_name
+        from llmdrop.planning.compensate import check_method
+        from llmdrop.source.calibration import check_sizes
 
         check_sizes(batch_size=self.batch_size)
         check_format_name(self.fmt)
@@ -105,15 +105,15 @@ class DropRequest:
             ),
         )
         if self.max_shard_size is not None:
-            from .stream_export import parse_shard_size
+            from llmdrop.formats.stream_export import parse_shard_size
 
             parse_shard_size(self.max_shard_size)
 
     def check_source(self, config, scores=None) -> None:
         """What the source's config (a loaded config, or config.json as a dict; {} when not known yet) refuses: the
         layer count, parts an export no longer has, and an explicit --format it rules out."""
-        from .arch import absent_parts
-        from .exporters import check_format_for_source
+        from llmdrop.formats.exporters import check_format_for_source
+        from llmdrop.source.arch import absent_parts
 
         get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
         n = get("num_hidden_layers") if config else None
@@ -132,11 +132,11 @@ class DropRequest:
                     f"{what} {', '.join(map(str, absent[kind]))}): leave it out of {option}"
                 )
         if self.skip_attention_from is not None:
-            from .manipulate import skip_attention_layers
+            from llmdrop.planning.plan import skip_attention_layers
 
             skip_attention_layers(n, self.skip_attention_from)
         if self.counted:
-            from .arch import mask_absent
+            from llmdrop.source.arch import mask_absent
 
             # Selecting on equal importances makes every check (and message) of the real selection; explicit lists
             # only narrow the choice further, which the real selection checks.
@@ -147,15 +147,23 @@ class DropRequest:
         skip-attention layers join the attention list (those an export lacks already are left out)."""
         out = {name: layers(value, n) for value, (name, *_) in zip(self.lists, LISTS)}
         if self.skip_attention_from is not None:
-            # the same attention drops as `probe --manipulation skip-attention` at that layer (llmdrop.manipulate)
-            from .manipulate import skip_attention_layers
+            # the same attention drops as `probe --manipulation skip-attention` at that layer
+            from llmdrop.planning.plan import skip_attention_layers
 
             skipped = set(skip_attention_layers(n, self.skip_attention_from)) - set(absent["attn"])
             out["attn_layers"] = sorted(set(out["attn_layers"]) | skipped)
         return out
 
 
-def layers(value, num_layers: int) -> list[int]:
-    """A CLI string ('3,5,20-29') or a Python list of layers, checked against the model."""
-    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-    return parse_layers(text, num_layers)
+def choose(name: str, loaded, tokens, *, importance: dict | None = None, progress: bool = True, **request):
+    """The plan of selector ``name`` for ``request`` (``DropRequest`` fields: counts, candidates, ...) on a loaded
+    model, and its record: the selection step of ``api.drop`` alone."""
+    from llmdrop.planning.selectors import selector
+    from llmdrop.source.arch import absent_parts, mask_absent
+
+    absent = absent_parts(loaded.model.config)
+    importance = mask_absent(importance, absent) if importance else None
+    plan, record, _ = selector(name).choose(
+        loaded, tokens, importance, DropRequest(selector=name, **request), absent=absent, progress=progress
+    )
+    return plan, record

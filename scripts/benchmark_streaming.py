@@ -41,12 +41,12 @@ def measure(name: str, args: list[str]) -> dict:
 
 
 def build(folder: Path) -> None:
-    """The random checkpoint (llmdrop.speed's llama-1b shape, saved in bfloat16) and a word-level tokenizer."""
+    """The random checkpoint (llmdrop.serving.speed's llama-1b shape, saved in bfloat16) and a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llmdrop.speed import build_random
+    from llmdrop.serving.speed import build_random
 
     model = build_random("llama-1b", "base", dtype=torch.bfloat16)
     model.save_pretrained(folder)
@@ -138,8 +138,8 @@ def main() -> None:
         # imports (transformers' modeling code, which `drop` has loaded anyway, gives the default shard size)
         def weights_only(out: Path) -> str:
             return (
-                "import time, torch, transformers.modeling_utils; from llmdrop.arch import ADAPTERS; "
-                "from llmdrop.plan import DropPlan; from llmdrop.stream_export import write_weights; "
+                "import time, torch, transformers.modeling_utils; from llmdrop.source.arch import ADAPTERS; "
+                "from llmdrop.planning.plan import DropPlan; from llmdrop.formats.stream_export import write_weights; "
                 f"from pathlib import Path; out = Path({str(out)!r}); out.mkdir(); t = time.perf_counter(); "
                 f"write_weights({str(src)!r}, ADAPTERS['llama'], DropPlan(16, blocks=[3, 7]), out, "
                 "dtype=torch.bfloat16, total_parameters=0, progress=False); "
@@ -147,8 +147,9 @@ def main() -> None:
             )
 
         memory_export = (
-            "from llmdrop.export import export; from llmdrop.models import load_model; from llmdrop.plan import "
-            f"DropPlan; export(load_model({str(src)!r}, device='cpu'), DropPlan(16, blocks=[3, 7]), "
+            "from llmdrop.formats.export import export; from llmdrop.source.models import load_model; "
+            "from llmdrop.planning.plan import DropPlan; "
+            f" export(load_model({str(src)!r}, device='cpu'), DropPlan(16, blocks=[3, 7]), "
             f"{str(work / 'm')!r})"
         )
         drop = [PY, "-m", "llmdrop", "drop", str(src), "--block-layers", "3,7", "-o"]

@@ -5,8 +5,9 @@
         --out docs/selection-smollm2.json
 
 The model is loaded once; every (budget, selector) works on a fresh copy with the functions ``llmdrop drop``
-calls (``llmdrop.select.choose``, ``llmdrop.compensate.compensate_linear``), and the plan is applied in memory
-with the export's own code (``llmdrop.surgery.apply_plan``), so the perplexity is that of the exported model.
+calls (``llmdrop.planning.select.choose``,
+``llmdrop.planning.compensate.compensate_linear``), and the plan is applied in memory with the export's own code
+(``llmdrop.planning.surgery.apply_plan``), so the perplexity is that of the exported model.
 """
 
 import argparse
@@ -17,12 +18,12 @@ from dataclasses import replace
 
 import torch
 
-from llmdrop.data import CalibSpec, load_texts, tokens_from_texts
-from llmdrop.evaluation import perplexity
-from llmdrop.models import LoadSpec
-from llmdrop.scoring import compute_importance
-from llmdrop.selectors import choose
-from llmdrop.surgery import apply_plan
+from llmdrop.passes.evaluation import perplexity
+from llmdrop.passes.scoring import compute_importance
+from llmdrop.planning.surgery import apply_plan
+from llmdrop.request import choose
+from llmdrop.source.calibration import CalibSpec, load_texts, tokens_from_texts
+from llmdrop.source.models import LoadSpec
 
 BUDGETS = {"8 blocks": {"blocks": 8}, "8 attention": {"attn": 8}, "12 sublayers": {"joint": 12}}
 SELECTORS = ("cosine", "loss", "angular-contiguous", "reverse")
@@ -107,7 +108,7 @@ def main():
                 target = replace(work, model=model)
                 comp_record = None
                 if comp:
-                    from llmdrop.compensate import compensate_linear
+                    from llmdrop.planning.compensate import compensate_linear
 
                     comp_record, _ = compensate_linear(target, plan, tokens, progress=False)
                 apply_plan(model, work.adapter, plan)

@@ -14,12 +14,12 @@ import json
 import time
 from dataclasses import replace
 
-from llmdrop.compensate import compensate_linear
-from llmdrop.data import CalibSpec, load_texts, tokens_from_texts
-from llmdrop.evaluation import perplexity
-from llmdrop.models import LoadSpec
-from llmdrop.plan import DropPlan
-from llmdrop.surgery import apply_plan
+from llmdrop.passes.evaluation import perplexity
+from llmdrop.planning.compensate import compensate_linear
+from llmdrop.planning.plan import DropPlan
+from llmdrop.planning.surgery import apply_plan
+from llmdrop.source.calibration import CalibSpec, load_texts, tokens_from_texts
+from llmdrop.source.models import LoadSpec
 
 
 def main():

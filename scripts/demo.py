@@ -13,9 +13,9 @@ from pathlib import Path
 from rich.table import Table
 
 import llmdrop
-from llmdrop.models import load_model
-from llmdrop.plan import DropPlan
+from llmdrop.planning.plan import DropPlan
 from llmdrop.report import console, scores_table
+from llmdrop.source.models import load_model
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out")
 N = 8

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import llmdrop
-from llmdrop.data import CalibSpec, sample_self
-from llmdrop.models import load_model
 from llmdrop.report import console
+from llmdrop.source.calibration import CalibSpec, sample_self
+from llmdrop.source.models import load_model
 
 PLANS = ("drop8blocks", "drop8attn", "drop8mlp")
 

@@ -10,7 +10,7 @@ seed. Layers both runs measured must agree exactly, which checks that they are c
 import json
 import sys
 
-from llmdrop.probing import harmless_from, plot_inject, plot_probe, write_json
+from llmdrop.analysis.probing import harmless_from, plot_inject, plot_probe, write_json
 
 
 def merge(coarse: list[dict], dense: list[dict], key) -> list[dict]:

@@ -56,10 +56,10 @@ def one_thread_for_tiny_models(request):
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Record any model load or scoring pass: a refusal that must come before any model work asserts it stays []."""
-    import llmdrop.models
-    import llmdrop.scoring
+    import llmdrop.passes.scoring
+    import llmdrop.source.models
 
     calls = []
-    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load"))
-    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(llmdrop.source.models, "load_model", lambda *a, **k: calls.append("load"))
+    monkeypatch.setattr(llmdrop.passes.scoring, "importance", lambda *a, **k: calls.append("score"))
     return calls

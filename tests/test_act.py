@@ -12,8 +12,7 @@ from tiny_models import ARCHS, FIRST_WORD_ID, VOCAB_SIZE, tiny_model, tiny_token
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from llmdrop import act
-from llmdrop.arch import adapter_for
+from llmdrop.analysis import act
 from llmdrop.cli import app
 from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError
@@ -24,7 +23,8 @@ from llmdrop.modeling.attention_calibration import (
     disable_attention_calibration,
     enable_attention_calibration,
 )
-from llmdrop.models import LoadedModel
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.models import LoadedModel
 
 HEADS = [[1, 0], [1, 3], [2, 1]]  # tiny models: 4 heads, GQA 2 KV heads
 BETA, TAU = 0.4, 0.1
@@ -214,7 +214,7 @@ def test_export_equals_in_memory(tmp_path, arch, attn_layers):
     x = ids(batch=2, length=10, seed=6)
     ref = tiny_loaded(arch)
     if attn_layers:
-        from llmdrop.surgery import drop_sublayers
+        from llmdrop.planning.surgery import drop_sublayers
 
         drop_sublayers(ref.model, ref.adapter, attn=[0])
     act.enable(ref, HEADS, BETA, TAU)
@@ -247,9 +247,9 @@ def test_calibrated_export_loads_calibrated_after_a_plain_export_of_the_same_fol
     """transformers caches remote code by folder name and file hash, and maps a remote config class to the first
     model class loaded with it: a plain export loaded first from another folder called `out` must not stand in for
     the calibrated one (it did: logits off by 0.1, uncalibrated)."""
-    from llmdrop.export import export
-    from llmdrop.models import load_model
-    from llmdrop.plan import DropPlan
+    from llmdrop.formats.export import export
+    from llmdrop.planning.plan import DropPlan
+    from llmdrop.source.models import load_model
 
     export(tiny_loaded(), DropPlan(4, attn=[0]), tmp_path / "plain/out")
     export(tiny_loaded(), DropPlan(4, attn=[0]), tmp_path / "src")
@@ -265,9 +265,9 @@ def test_calibrated_export_loads_calibrated_after_a_plain_export_of_the_same_fol
 
 
 def test_apply_on_a_drop_export_keeps_its_drops(tmp_path):
-    from llmdrop.export import export
-    from llmdrop.models import load_model
-    from llmdrop.plan import DropPlan
+    from llmdrop.formats.export import export
+    from llmdrop.planning.plan import DropPlan
+    from llmdrop.source.models import load_model
 
     export(tiny_loaded(), DropPlan(4, attn=[0], mlp=[3]), tmp_path / "drop")
     heads = write_heads(tmp_path / "heads.json")

@@ -11,13 +11,13 @@ import torch
 from tiny_models import ARCHS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-import llmdrop.attnmaps as am
-from llmdrop.arch import adapter_for
+import llmdrop.analysis.attnmaps as am
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
 from llmdrop.modeling.configuration_llmdrop import kept_attention_layers
-from llmdrop.models import LoadedModel, LoadSpec
-from llmdrop.surgery import drop_sublayers
+from llmdrop.planning.surgery import drop_sublayers
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.models import LoadedModel, LoadSpec
 
 PROMPT = "w5 w17 w3 w99 w42 w8 w61 w7 w23 w11 w90 w64"  # 12 tokens, no special tokens added
 
@@ -282,7 +282,7 @@ def test_cli_heads_out_of_range_and_json(tmp_path):
 def test_smollm2_gguf_end_to_end(tmp_path):
     """The builtin GGUF SmolLM2-135M (30 layers, 9 heads, GQA 3 KV heads), loaded with SDPA: the capture switches
     to eager and back, and agrees with transformers' own hidden states."""
-    from llmdrop.models import load_model
+    from llmdrop.source.models import load_model
 
     lm = load_model("smollm2-135m", device="cpu")
     lm.model.set_attn_implementation("sdpa")
@@ -304,8 +304,8 @@ def test_smollm2_gguf_end_to_end(tmp_path):
 
 def test_exported_checkpoint_with_dropped_attention(tmp_path):
     """A real export on disk (remote code, KV cache of kept layers only), loaded by path like any user would."""
-    from llmdrop.export import export
-    from llmdrop.plan import DropPlan
+    from llmdrop.formats.export import export
+    from llmdrop.planning.plan import DropPlan
 
     model = tiny_model("qwen3", num_layers=4)
     export(loaded(model), DropPlan(4, attn=[0, 2]), tmp_path / "exp")  # layer 0 too: the first cache layer moves

@@ -1,4 +1,4 @@
-"""llmdrop.speed on the builtin `tiny` random shape, on CPU. Timings here are noise (a shared machine):
+"""llmdrop.serving.speed on the builtin `tiny` random shape, on CPU. Timings here are noise (a shared machine):
 these tests assert logic only — the cache fed back, KV bytes, run order, theory numbers, output schema.
 
 The tiny shape: Llama, 4 layers, hidden 64, intermediate 128, 4 query heads / 2 KV heads of dim 16,
@@ -15,11 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmdrop.benchmark import bench
 from llmdrop.cli import app
 from llmdrop.compat import call_cache
 from llmdrop.errors import LlmdropError
-from llmdrop.speed import (
+from llmdrop.serving.benchmark import bench
+from llmdrop.serving.speed import (
     FORMAT,
     BenchModel,
     build_random,
@@ -320,7 +320,7 @@ def test_script_is_the_cli():
 def test_vllm_engine_without_vllm_is_one_line(monkeypatch):
     import importlib.util
 
-    from llmdrop.benchmark import bench
+    from llmdrop.serving.benchmark import bench
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))

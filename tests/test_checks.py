@@ -15,15 +15,15 @@ from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 import llmdrop.api
-import llmdrop.models
-import llmdrop.scoring
+import llmdrop.passes.scoring
+import llmdrop.source.models
 from llmdrop.api import drop
-from llmdrop.arch import adapter_for
-from llmdrop.card import save_eval_result
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.models import LoadedModel, looks_like_path, resolve_source, source_identity
-from llmdrop.scoring import Scores
+from llmdrop.formats.card import save_eval_result
+from llmdrop.passes.scoring import Scores
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.models import LoadedModel, looks_like_path, resolve_source, source_identity
 
 N = 6
 
@@ -82,7 +82,7 @@ def test_identity_of_one_model_spelled_differently(tiny, monkeypatch):
 
 
 def test_builtin_alias_is_its_gguf_file():
-    from llmdrop.models import builtin_gguf
+    from llmdrop.source.models import builtin_gguf
 
     try:
         folder, name = builtin_gguf("smollm2-135m")
@@ -186,8 +186,8 @@ def test_counts_of_a_source_without_config_are_checked_before_scoring(tiny, tmp_
     model = tiny_model("llama", N)
     loaded = LoadedModel(model, tiny_tokenizer(), adapter_for(model.config), "org/name", "org/name")
     monkeypatch.setattr(llmdrop.api, "source_config", lambda *a: {})
-    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: calls.append("load") or loaded)
-    monkeypatch.setattr(llmdrop.scoring, "importance", lambda *a, **k: calls.append("score"))
+    monkeypatch.setattr(llmdrop.source.models, "load_model", lambda *a, **k: calls.append("load") or loaded)
+    monkeypatch.setattr(llmdrop.passes.scoring, "importance", lambda *a, **k: calls.append("score"))
     with pytest.raises(LlmdropError) as e:
         drop("org/name", tmp_path / "out", attn=999)
     assert str(e.value) == "cannot drop 999 attention sublayers: only 6 are left to choose from"

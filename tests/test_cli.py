@@ -10,12 +10,12 @@ from tiny_models import WORDS, identity_hooks, tiny_model, tiny_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
-from llmdrop.arch import adapter_for
 from llmdrop.cli import app
-from llmdrop.data import load_texts, tokens_from_texts
-from llmdrop.evaluation import perplexity
-from llmdrop.scoring import compute_importance
-from llmdrop.surgery import drop_sublayers
+from llmdrop.passes.evaluation import perplexity
+from llmdrop.passes.scoring import compute_importance
+from llmdrop.planning.surgery import drop_sublayers
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.calibration import load_texts, tokens_from_texts
 
 runner = CliRunner()
 

@@ -12,10 +12,10 @@ from tiny_models import tiny_model, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
 from llmdrop import compat
-from llmdrop.arch import adapter_for
-from llmdrop.attnmaps import capture
-from llmdrop.data import sample_self
-from llmdrop.speed import build_random, make_prompt, run_once
+from llmdrop.analysis.attnmaps import capture
+from llmdrop.serving.speed import build_random, make_prompt, run_once
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.calibration import sample_self
 
 VERSION = Version(transformers.__version__)
 RENAMED = VERSION >= Version("5.24")  # 5.24 takes cache=, 5.17 past_key_values= (versions in between: either)

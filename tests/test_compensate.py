@@ -1,4 +1,4 @@
-"""--compensate linear (llmdrop.compensate): a run that is exactly linear in the MLP output of the layer before it
+"""--compensate linear (passes.compensate): a run that is exactly linear in the MLP output of the layer before it
 is restored to the original logits, the fold is exact for every kind of MLP, and the export stays vanilla."""
 
 import json
@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import llmdrop
-from llmdrop import compensate
 from llmdrop.cli import app
-from llmdrop.compensate import fold, runs
-from llmdrop.data import CalibSpec
+from llmdrop.planning import compensate
+from llmdrop.planning.compensate import fold, runs
+from llmdrop.source.calibration import CalibSpec
 
 HIDDEN = COMMON["hidden_size"]
 SUB = torch.arange(HIDDEN // 2, HIDDEN)  # a subspace the residual stream leaves empty until layer 1's MLP

@@ -1,4 +1,4 @@
-"""llmdrop.data: text files, hf: datasets (faked), token blocks and text sampled from the model."""
+"""llmdrop.source.calibration: text files, hf: datasets (faked), token blocks and text sampled from the model."""
 
 import json
 import sys
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from llmdrop.data import calibration_tokens, hf_texts, load_texts, sample_self, tokens_from_texts
 from llmdrop.errors import LlmdropError
+from llmdrop.source.calibration import calibration_tokens, hf_texts, load_texts, sample_self, tokens_from_texts
 
 EOS = 2
 # With the tiny tokenizer: "the river ran ." -> [3, 5, 9, 33]; "a city" -> [4, 6].

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_model, tiny_tokenizer
 
-from llmdrop import distributed, runner, scoring
 from llmdrop.api import score
-from llmdrop.data import CalibSpec
-from llmdrop.models import LoadSpec
+from llmdrop.passes import distributed, runner, scoring
+from llmdrop.source.calibration import CalibSpec
+from llmdrop.source.models import LoadSpec
 
 CALIB = ["--samples", "7", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"]
 

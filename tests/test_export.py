@@ -1,4 +1,4 @@
-"""llmdrop.export on tiny random models of every supported architecture.
+"""llmdrop.formats.export on tiny random models of every supported architecture.
 
 The reference for every export is the ORIGINAL model with forward hooks that zero the dropped
 sublayers and make the dropped blocks return their input (tests/tiny_models.py, no llmdrop code).
@@ -19,11 +19,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError
-from llmdrop.export import export
-from llmdrop.exporters import DROP_CODE_FILES
-from llmdrop.models import load_model
-from llmdrop.plan import DropPlan
+from llmdrop.formats.export import export
+from llmdrop.formats.exporters import DROP_CODE_FILES
+from llmdrop.planning.plan import DropPlan
 from llmdrop.record import EXPORT_FORMAT as FORMAT
+from llmdrop.source.models import load_model
 
 N = 6
 # Attention of layer 0 dropped: DynamicCache.get_seq_length() reads cache layer 0, which must be a kept one.
@@ -585,7 +585,7 @@ def test_nemotron_nas_refusals(arch, plan, why, tmp_path):
     ],
 )
 def test_ffn_size_round_trips_or_is_given(intermediate, hidden, fields):
-    from llmdrop.exporters import ffn_size_fields
+    from llmdrop.formats.exporters import ffn_size_fields
 
     assert ffn_size_fields(intermediate, hidden) == fields
 
@@ -595,9 +595,9 @@ def test_ffn_size_round_trips_or_is_given(intermediate, hidden, fields):
 )
 def test_each_format_recognizes_its_exports_on_disk(fmt, plan, tmp_path):
     """The exporter owns recognising its checkpoints, whether they run remote code, and which engines serve them."""
-    from llmdrop.exporters import EXPORTERS, exporter_of
-    from llmdrop.models import is_llmdrop_export
-    from llmdrop.speed_vllm import _servable_dir
+    from llmdrop.formats.exporters import EXPORTERS, exporter_of
+    from llmdrop.serving.speed_vllm import _servable_dir
+    from llmdrop.source.models import is_llmdrop_export
 
     src = tmp_path / "src"
     tiny_model("llama", 4).save_pretrained(src)

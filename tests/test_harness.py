@@ -1,4 +1,4 @@
-"""`llmdrop eval --tasks`: lm-evaluation-harness on models as llmdrop loads them (llmdrop.harness).
+"""`llmdrop eval --tasks`: lm-evaluation-harness on models as llmdrop loads them (llmdrop.checkpoints.harness).
 
 The bundled tasks must score what llmdrop's own scorers score (act's MultipleChoiceScorer, probe's capitals
 accuracy), item by item; a model forced to answer "a" must get 1.0 where "a" is right and 0.0 where it is wrong,
@@ -14,15 +14,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from llmdrop import api, harness
-from llmdrop.act import DEFAULT_TASK, MultipleChoiceScorer, load_mc_task
-from llmdrop.card import load_eval_results, refresh_card, save_eval_result
+from llmdrop import api
+from llmdrop.analysis.act import DEFAULT_TASK, MultipleChoiceScorer, load_mc_task
+from llmdrop.analysis.probing import capitals, encode, evaluate_items
+from llmdrop.checkpoints import harness
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.export import export
-from llmdrop.models import load_model
-from llmdrop.plan import DropPlan
-from llmdrop.probing import capitals, encode, evaluate_items
+from llmdrop.formats.card import load_eval_results, refresh_card, save_eval_result
+from llmdrop.formats.export import export
+from llmdrop.planning.plan import DropPlan
+from llmdrop.source.models import load_model
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'llmdrop[eval]')")
 
@@ -229,9 +230,9 @@ def test_remote_code_exports_load_through_the_harness(forced_dir, forced_tasks, 
 
 
 def test_bad_task_requests_fail_in_one_line_before_the_model_loads(forced_dir, forced_tasks, monkeypatch):
-    import llmdrop.models
+    import llmdrop.source.models
 
-    monkeypatch.setattr(llmdrop.models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(llmdrop.source.models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     line = error_line("eval", forced_dir, "--tasks", "llmdrop_mcc", "--save")
     assert (
         line.startswith("error: unknown task llmdrop_mcc: not an lm-eval task") and "did you mean llmdrop_mc?" in line
@@ -294,7 +295,7 @@ def test_api_checks(forced_dir):
 @pytest.mark.slow
 def test_smollm2_bundled_tasks_equal_llmdrops_scorers():
     """On SmolLM2-135M (GGUF) the harness's accuracy on both bundled tasks is llmdrop's own, item by item."""
-    from llmdrop.models import builtin_gguf
+    from llmdrop.source.models import builtin_gguf
 
     try:
         builtin_gguf("smollm2-135m")

@@ -18,15 +18,24 @@ from tiny_models import COMMON, WORDS, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-import llmdrop.healing as heal_module
-from llmdrop.arch import adapter_for
+import llmdrop.checkpoints.healing as heal_module
+from llmdrop.checkpoints.healing import (
+    Method,
+    distill,
+    heal,
+    kd_loss,
+    make_trainable,
+    split_heldout,
+    tensor_shapes,
+    trained_model,
+)
 from llmdrop.cli import app
-from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
-from llmdrop.export import export
-from llmdrop.healing import Method, distill, heal, kd_loss, make_trainable, split_heldout, tensor_shapes, trained_model
-from llmdrop.models import load_model
-from llmdrop.plan import DropPlan
+from llmdrop.formats.export import export
+from llmdrop.planning.plan import DropPlan
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.calibration import CalibSpec
+from llmdrop.source.models import load_model
 
 N = 6
 # .venv-quant (the fast suite on transformers 5.17) has no peft; .venv has it (`make test` installs llmdrop[heal])

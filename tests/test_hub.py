@@ -22,15 +22,15 @@ import yaml
 from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-from llmdrop.arch import adapter_for
-from llmdrop.card import END_MARKER, model_card, refresh_card, save_eval_result
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
-from llmdrop.export import export
-from llmdrop.hub import push
-from llmdrop.models import LoadedModel
-from llmdrop.plan import DropPlan
-from llmdrop.speed import BenchModel, run_benchmark
+from llmdrop.formats.card import END_MARKER, model_card, refresh_card, save_eval_result
+from llmdrop.formats.export import export
+from llmdrop.planning.plan import DropPlan
+from llmdrop.serving.hub import push
+from llmdrop.serving.speed import BenchModel, run_benchmark
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.models import LoadedModel
 
 TOKEN = "hf_TESTtokenDoNotLeak0123456789"
 REPO = "me/tiny-drop"

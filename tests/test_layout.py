@@ -88,6 +88,41 @@ def test_nothing_below_the_face_imports_it():
     assert {name: deps for name, deps in below.items() if deps} == {}
 
 
+# The pipeline's stages, lowest first: a module imports only from its own stage or from lower ones. Shared helpers
+# (errors, files, record, compat, report) are below every stage; the request, the API and the CLI are the face.
+STAGES = ["shared", "source", "passes", "planning", "formats", "checkpoints|serving|analysis", "face"]
+SHARED = {"errors", "files", "record", "compat", "report"}
+# Loading asks the exporter registry whether a folder is an export of a format that runs llmdrop's remote code (the
+# registry owns recognising its exports): the one import up the stages, lazy.
+UPWARD = {("source.models", "formats.exporters")}
+
+
+def stage(module: str) -> int:
+    top = module.split(".")[0]
+    if top in SHARED:
+        return 0
+    if top in FACE or top in {"cli", "request"}:
+        return len(STAGES) - 1
+    return next(i for i, s in enumerate(STAGES) if top in s.split("|"))
+
+
+def test_every_module_has_a_stage():
+    assert {m: stage(m) for m in graph()}  # raises StopIteration for a top-level name no stage claims
+
+
+def test_imports_go_down_the_stages():
+    upward = {(a, b) for a, deps in graph().items() for b in deps if stage(b) > stage(a)}
+    assert upward == UPWARD
+
+
+def test_every_package_is_in_the_wheel():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"llmdrop." + ".".join(p.parent.relative_to(PACKAGE).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert {name.rstrip(".") for name in found} | {"llmdrop.modeling"} == listed
+
+
 def test_the_graph_sees_relative_imports_in_packages():
     edges = graph()
     assert "api" in edges["cli.drop"] and "cli.common" in edges["cli.drop"] and "errors" in edges["cli.common"]

@@ -6,11 +6,11 @@ from tiny_models import ARCHS, FIRST_WORD_ID, identity_hooks, tiny_model, tiny_t
 from transformers import AutoModelForCausalLM
 
 import llmdrop
-from llmdrop.arch import adapter_for
+from llmdrop.analysis.manipulate import Manipulation, capture_layer_inputs, last_logits, token_positions
 from llmdrop.compat import output_cache
 from llmdrop.errors import LlmdropError
-from llmdrop.manipulate import Manipulation, capture_layer_inputs, last_logits, token_positions
-from llmdrop.models import LoadedModel
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.models import LoadedModel
 
 N_LAYERS, K = 6, 3
 IDS = torch.tensor([[FIRST_WORD_ID + i for i in (5, 17, 3, 99, 42, 8, 61, 23)]])

@@ -14,9 +14,9 @@ import typer.main
 from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
-import llmdrop.models
-import llmdrop.streaming
-from llmdrop.act import FORMAT as HEADS_FORMAT
+import llmdrop.source.models
+import llmdrop.source.streaming
+from llmdrop.analysis.act import FORMAT as HEADS_FORMAT
 from llmdrop.cli import app
 
 OUTPUT_OPTIONS = ("--out", "--plot", "--markdown", "--save")
@@ -89,8 +89,8 @@ def no_model_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("a model was loaded before the output check")
 
-    monkeypatch.setattr(llmdrop.models, "load_model", refuse)
-    monkeypatch.setattr(llmdrop.streaming, "load_skeleton", refuse)
+    monkeypatch.setattr(llmdrop.source.models, "load_model", refuse)
+    monkeypatch.setattr(llmdrop.source.streaming, "load_skeleton", refuse)
 
 
 def fingerprint(*folders: Path) -> dict:

@@ -1,7 +1,7 @@
 import pytest
 
 from llmdrop.errors import LlmdropError
-from llmdrop.plan import DropPlan, parse_layers, select
+from llmdrop.planning.plan import DropPlan, parse_layers, select
 
 IMP = {  # 6 layers; attn is least important at 4, 5; mlp at 1, 3; block at 2
     "attn": [0.9, 0.5, 0.4, 0.3, 0.1, 0.05],

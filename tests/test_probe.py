@@ -11,12 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from llmdrop.arch import adapter_for
-from llmdrop.cli import app
-from llmdrop.errors import LlmdropError
-from llmdrop.manipulate import Manipulation, last_logits
-from llmdrop.models import LoadedModel
-from llmdrop.probing import (
+from llmdrop.analysis.manipulate import Manipulation, last_logits
+from llmdrop.analysis.probing import (
     CAPITALS_TEMPLATE,
     capital_pairs,
     capitals,
@@ -30,6 +26,10 @@ from llmdrop.probing import (
     probe,
     word_span,
 )
+from llmdrop.cli import app
+from llmdrop.errors import LlmdropError
+from llmdrop.source.arch import adapter_for
+from llmdrop.source.models import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -174,7 +174,7 @@ def test_greedy_answer_and_gold_logprob_match_manual(loaded, kind):
 
 
 def test_generate_reapplies_the_manipulation_every_step(loaded):
-    from llmdrop.probing import generate
+    from llmdrop.analysis.probing import generate
 
     model, tok = loaded.model, loaded.tokenizer
     prompts = [w(5, 17, 3, 99, 42), w(8, 61)]
@@ -269,7 +269,7 @@ def test_inject_matches_manual_manipulation(loaded, tmp_path):
     saved = json.loads((tmp_path / "i.json").read_text())
     assert saved["format"] == "llmdrop.inject/1" and [r["layer"] for r in saved["layers"]] == [0, 3]
     # the manual version: donor x^3 at "w6" (token 1) into the prompt's "w2" (token 1)
-    from llmdrop.manipulate import capture_layer_inputs
+    from llmdrop.analysis.manipulate import capture_layer_inputs
 
     with capture_layer_inputs(model) as xs:
         last_logits(model, torch.tensor([tok(donor)["input_ids"]]), torch.ones(1, 3, dtype=torch.long))
@@ -340,7 +340,7 @@ def test_cli_probe_and_inject(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_smollm2_france_italy_injection():
     """The paper's example on SmolLM2-135M: "Italy" injected early is followed, injected late it is ignored."""
-    from llmdrop.models import builtin_gguf, load_model
+    from llmdrop.source.models import builtin_gguf, load_model
 
     try:
         builtin_gguf("smollm2-135m")

@@ -18,14 +18,14 @@ from safetensors import safe_open
 from tiny_models import FIRST_WORD_ID, VOCAB_SIZE, WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
+from llmdrop.checkpoints.quantization import INSTALL, choose_group_size, quantize, quantized_card
 from llmdrop.cli import app
-from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
-from llmdrop.export import export
-from llmdrop.exporters import NEMOTRON_NAS_CODE_FILES
-from llmdrop.models import load_model
-from llmdrop.plan import DropPlan
-from llmdrop.quantization import INSTALL, choose_group_size, quantize, quantized_card
+from llmdrop.formats.export import export
+from llmdrop.formats.exporters import NEMOTRON_NAS_CODE_FILES
+from llmdrop.planning.plan import DropPlan
+from llmdrop.source.calibration import CalibSpec
+from llmdrop.source.models import load_model
 
 N = 6
 SUB_PLAN = dict(attn=[1], mlp=[3])  # remote-code export (nemotron-nas): an attention and an MLP sublayer dropped
@@ -211,7 +211,7 @@ def test_group_size_that_does_not_fit():
 def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
     import inspect
 
-    import llmdrop.quantization
+    import llmdrop.checkpoints.quantization
 
     seen = {}
 
@@ -219,8 +219,8 @@ def test_cli_group_size_defaults_to_auto(monkeypatch, tmp_path):
         seen.update(kwargs)
         return {}
 
-    spy.__signature__ = inspect.signature(llmdrop.quantization.quantize)  # the CLI hands over what quantize takes
-    monkeypatch.setattr("llmdrop.quantization.quantize", spy)
+    spy.__signature__ = inspect.signature(llmdrop.checkpoints.quantization.quantize)  # what the CLI hands over
+    monkeypatch.setattr("llmdrop.checkpoints.quantization.quantize", spy)
     CliRunner().invoke(app, ["quantize", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--method", "gptq"])
     assert seen["group_size"] is None
 
@@ -365,7 +365,7 @@ def test_group_size_must_divide_inputs(lc, sub_export, tmp_path):
 def test_awq_mappings_skip_dropped_sublayers(lc, sub_export):
     from transformers import AutoModelForCausalLM
 
-    from llmdrop.quantization import awq_mappings
+    from llmdrop.checkpoints.quantization import awq_mappings
 
     model = AutoModelForCausalLM.from_pretrained(sub_export, trust_remote_code=True)
     mappings = {m.balance_layers[0]: m.smooth_layer for m in awq_mappings(model)}
@@ -383,7 +383,7 @@ def test_awq_mappings_skip_dropped_sublayers(lc, sub_export):
 def test_pin_memory_is_a_no_op_only_while_quantizing_without_accelerator(lc):
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    from llmdrop.quantization import no_pin_memory_without_accelerator
+    from llmdrop.checkpoints.quantization import no_pin_memory_without_accelerator
 
     original = IntermediatesCache.pin_memory
     cache = IntermediatesCache.empty(1, torch.device("cpu"))
@@ -402,7 +402,7 @@ def test_pin_memory_is_a_no_op_only_while_quantizing_without_accelerator(lc):
 @pytest.mark.slow
 def test_builtin_gguf_alias(lc, tmp_path):
     """SmolLM2-135M from its Q4_1 GGUF (dequantized on load) -> GPTQ; reloaded in a fresh process by `llmdrop eval`."""
-    from llmdrop.models import builtin_gguf
+    from llmdrop.source.models import builtin_gguf
 
     try:
         builtin_gguf("smollm2-135m")

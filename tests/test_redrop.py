@@ -11,7 +11,7 @@ from tiny_models import WORDS, tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from llmdrop.cli import app
-from llmdrop.models import load_model
+from llmdrop.source.models import load_model
 
 N = 6
 GONE = {"attn": [1, 3], "mlp": [4]}

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llmdrop.arch import adapter_for
 from llmdrop.errors import LlmdropError
-from llmdrop.scoring import FORMAT, Scores, compute_importance
-from llmdrop.surgery import drop_sublayers
+from llmdrop.passes.scoring import FORMAT, Scores, compute_importance
+from llmdrop.planning.surgery import drop_sublayers
+from llmdrop.source.arch import adapter_for
 
 SIZES = dict(
     vocab_size=64,

@@ -1,4 +1,4 @@
-"""Selectors (llmdrop.select) on tiny Llamas saved to disk: a planted useless part is found by every selector, the
+"""Selectors (planning.select) on tiny Llamas saved to disk: a planted useless part is found by every selector, the
 loss search agrees with a brute-force enumeration, the contiguous angular cut with a hand computation."""
 
 import itertools
@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 
 import llmdrop
 from llmdrop.cli import app
-from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
-from llmdrop.models import load_model
-from llmdrop.select import reverse
-from llmdrop.selectors import choose
+from llmdrop.planning.select import reverse
+from llmdrop.request import choose
+from llmdrop.source.calibration import CalibSpec
+from llmdrop.source.models import load_model
 
 N = 6
 PLANTED = 4  # not the last layer, so that `reverse` (which keeps the final layer) must find it too

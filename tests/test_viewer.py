@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from tiny_models import tiny_model, tiny_tokenizer
 
-import llmdrop.attnmaps as am
-from llmdrop.arch import adapter_for
+import llmdrop.analysis.attnmaps as am
+from llmdrop.source.arch import adapter_for
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package: pip install playwright")
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and Path(p).exists()), None)
@@ -53,7 +53,7 @@ def canvas_state(page) -> dict:
 @pytest.fixture(scope="module")
 def tiny_html(tmp_path_factory):
     model = tiny_model("llama", num_layers=4)
-    from llmdrop.surgery import drop_sublayers
+    from llmdrop.planning.surgery import drop_sublayers
 
     drop_sublayers(model, adapter_for(model.config), attn=[2])  # one row must show as dropped
     model.generation_config.eos_token_id = model.config.eos_token_id = None

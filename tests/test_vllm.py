@@ -26,7 +26,7 @@ from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa:
 from llmdrop import api  # noqa: E402
 from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError  # noqa: E402
-from llmdrop.models import load_model  # noqa: E402
+from llmdrop.source.models import load_model  # noqa: E402
 
 NEW_TOKENS = 24
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -45,7 +45,7 @@ COMMON = dict(
 
 
 # The modules of each sublayer, its norms included, as transformers lays the decoder layer out (written out
-# here, independently of llmdrop.arch): Gemma 2/3 have a norm before and after each sublayer.
+# here, independently of llmdrop.source.arch): Gemma 2/3 have a norm before and after each sublayer.
 _PRE_NORM = {"attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 _SANDWICH = {
     "attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),

@@ -33,7 +33,7 @@ ActNorm = Annotated[
 
 
 def _default_task(task):
-    from ..act import DEFAULT_TASK
+    from llmdrop.analysis.act import DEFAULT_TASK
 
     return task or str(DEFAULT_TASK)
 
@@ -74,8 +74,8 @@ def act_search_cmd(
     Example: `llmdrop act search smollm2-135m --task mc.jsonl --out heads.json`
     """
     require_out(out, "file")
-    from ..act import act_search
-    from ..report import console
+    from llmdrop.analysis.act import act_search
+    from llmdrop.report import console
 
     r = forward(act_search, locals(), task=_default_task(task))
     if json_out:
@@ -107,8 +107,8 @@ def act_eval_cmd(
 
     Example: `llmdrop act eval smollm2-135m --task mc.jsonl --heads heads.json`
     """
-    from ..act import act_eval
-    from ..report import console
+    from llmdrop.analysis.act import act_eval
+    from llmdrop.report import console
 
     r = forward(act_eval, locals(), task=_default_task(task))
     if json_out:
@@ -145,8 +145,8 @@ def act_apply_cmd(
     Example: `llmdrop act apply smollm2-135m --heads heads.json -o smollm2-act`
     """
     require_out(out, "directory")
-    from ..act import act_apply
-    from ..report import console
+    from llmdrop.analysis.act import act_apply
+    from llmdrop.report import console
 
     path = forward(act_apply, locals(), dtype=model.dtype)
     if json_out:
@@ -198,8 +198,8 @@ def attnmap_cmd(
     Example: `llmdrop attnmap smollm2-135m --prompt "Alice and Bob are siblings. Who is Bob's sister?" --chat -o attn`
     """
     require_out(out, "directory")
-    from ..attnmaps import attnmap
-    from ..report import console
+    from llmdrop.analysis.attnmaps import attnmap
+    from llmdrop.report import console
 
     result = forward(attnmap, locals(), formats=fmt)
     result.pop("capture")

@@ -42,8 +42,8 @@ def probe_cmd(
     """
     from rich.table import Table
 
-    from ..probing import harmless_from, probe
-    from ..report import console
+    from llmdrop.analysis.probing import harmless_from, probe
+    from llmdrop.report import console
 
     result = forward(probe, locals())
     if json_out:
@@ -108,8 +108,8 @@ def inject_cmd(
     """
     from rich.table import Table
 
-    from ..probing import followed_until, inject
-    from ..report import console
+    from llmdrop.analysis.probing import followed_until, inject
+    from llmdrop.report import console
 
     def unescape(text):  # shells make "\n" hard to type
         return text.replace("\\n", "\n") if text is not None else None

@@ -76,8 +76,8 @@ def eval_cmd(
     Example: `llmdrop eval ./smollm2-drop8attn --tasks llmdrop_mc,llmdrop_capitals --save` (then `llmdrop push` shows
     perplexity and task results in the model card)
     """
-    from .. import api
-    from ..report import console
+    from llmdrop import api
+    from llmdrop.report import console
 
     result = forward(api.evaluate, locals())
     saved = result.pop("saved_to", None)
@@ -162,8 +162,8 @@ def quantize_cmd(
 
     Example: `llmdrop quantize smollm2-drop8attn -o smollm2-drop8attn-gptq --method gptq --group-size 64`
     """
-    from ..quantization import quantize
-    from ..report import console
+    from llmdrop.checkpoints.quantization import quantize
+    from llmdrop.report import console
 
     result = forward(quantize, locals())
     if json_out:
@@ -241,8 +241,8 @@ def heal_cmd(
 
     Example: `llmdrop heal smollm2-drop8attn -o healed --train lora --rank 16 --calib wiki.txt --seq-len 512`
     """
-    from .. import api
-    from ..report import console
+    from llmdrop import api
+    from llmdrop.report import console
 
     result = forward(api.heal, locals(), student=model)
     if json_out:

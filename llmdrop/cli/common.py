@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import __version__
-from ..errors import LlmdropError
+from llmdrop import __version__
+from llmdrop.errors import LlmdropError
 
 app = typer.Typer(
     help="Find redundant attention / MLP sublayers and blocks in decoder LLMs, drop them, export checkpoints.",
@@ -110,7 +110,7 @@ def model_options(fn):
     """--device/--dtype/--gguf-file/--trust-remote-code, handed to the command as ``model``, one LoadSpec."""
 
     def build(kwargs, values):
-        from ..models import LoadSpec
+        from llmdrop.source.models import LoadSpec
 
         return {**kwargs, "model": LoadSpec(kwargs.get("model"), **values)}
 
@@ -121,7 +121,7 @@ def calib_options(fn):
     """--calib/--samples/--seq-len/--seed, handed to the command as ``calib``, one CalibSpec."""
 
     def build(kwargs, values):
-        from ..data import CalibSpec
+        from llmdrop.source.calibration import CalibSpec
 
         return {**kwargs, "calib": CalibSpec(values.pop("calib"), **values)}
 
@@ -140,7 +140,7 @@ def _on_sigterm(signum, frame):
 def _fail(message: str, code: int = 1) -> None:
     """One error line, from rank 0 only under torchrun (every rank meets the same bad input); torchrun's own report
     of the failed ranks shows it too (TORCHELASTIC_ERROR_FILE) instead of a link to enable tracebacks."""
-    from ..distributed import launched_by_torchrun
+    from llmdrop.passes.distributed import launched_by_torchrun
 
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"error: {message}", err=True)
@@ -198,7 +198,7 @@ def main(
         _state["debug"] = True
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    from ..distributed import launched_by_torchrun
+    from llmdrop.passes.distributed import launched_by_torchrun
 
     if launched_by_torchrun() and ctx.invoked_subcommand not in DISTRIBUTED_VERBS:
         _fail(

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..selectors import SELECTORS
+from llmdrop.planning.selectors import SELECTORS
+
 from .common import (
     BatchSize,
     DeviceMap,
@@ -58,9 +59,9 @@ def score_cmd(
     share of the calibration blocks; rank 0 writes; `torchrun --nproc-per-node 8 -m llmdrop score ...` does the same
     and is how to run on several nodes)
     """
-    from .. import api
-    from ..distributed import is_main, launch, launched_by_torchrun
-    from ..report import console, scores_table
+    from llmdrop import api
+    from llmdrop.passes.distributed import is_main, launch, launched_by_torchrun
+    from llmdrop.report import console, scores_table
 
     if nproc_per_node > 1 and not launched_by_torchrun():
         raise typer.Exit(launch(nproc_per_node, sys.argv[1:]))  # the ranks run this very command line
@@ -174,10 +175,10 @@ def drop_cmd(
 
     Example: `llmdrop drop smollm2-135m -o smollm2-drop8attn --attn 8`
     """
-    from .. import api
-    from ..plan import DropPlan
-    from ..report import console
-    from ..request import DropRequest
+    from llmdrop import api
+    from llmdrop.planning.plan import DropPlan
+    from llmdrop.report import console
+    from llmdrop.request import DropRequest
 
     request = DropRequest.build(
         iterative=iterative,
@@ -210,7 +211,7 @@ def drop_cmd(
         result = {"out": str(path), "plan": plan.to_dict(), "format": exported["format"]}
         print_json({**result, "already_dropped": gone} if gone else result)
     else:
-        from ..select import describe_records
+        from llmdrop.planning.select import describe_records
 
         for line in describe_records(record.get("selection"), record.get("compensation")):
             console.print(line, soft_wrap=True)

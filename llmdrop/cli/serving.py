@@ -84,9 +84,9 @@ def bench_cmd(
 
     Example: `llmdrop bench --engine vllm --random-weights llama-3-8b base attn:16 blocks:8`
     """
-    from ..benchmark import bench
-    from ..report import console
-    from ..speed import parse_int_list, print_table
+    from llmdrop.report import console
+    from llmdrop.serving.benchmark import bench
+    from llmdrop.serving.speed import parse_int_list, print_table
 
     report = forward(
         bench,
@@ -143,8 +143,8 @@ def push_cmd(
 
     Example: `llmdrop push smollm2-drop8attn --repo-id me/SmolLM2-135M-drop8attn --dry-run`
     """
-    from ..hub import push
-    from ..report import console
+    from llmdrop.report import console
+    from llmdrop.serving.hub import push
 
     result = forward(push, locals())
     if json_out:

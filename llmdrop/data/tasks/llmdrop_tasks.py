@@ -1,14 +1,15 @@
 """Data and scoring of llmdrop's bundled lm-evaluation-harness tasks (referenced from the YAML files beside this one).
 
-The items, prompts and answer normalisation are llmdrop's own (``llmdrop.act`` / ``llmdrop.probing``), imported
-rather than copied, so that the harness scores exactly what ``llmdrop act eval`` and ``llmdrop probe`` score.
+The items, prompts and answer normalisation are llmdrop's own (``llmdrop.analysis.act`` /
+``llmdrop.analysis.probing``), imported rather than copied, so that the harness scores exactly what
+``llmdrop act eval`` and ``llmdrop probe`` score.
 Both tasks read files shipped inside the package: they run offline.
 """
 
 import datasets
 
-from llmdrop.act import DEFAULT_TASK, load_mc_task
-from llmdrop.probing import capitals, normalise
+from llmdrop.analysis.act import DEFAULT_TASK, load_mc_task
+from llmdrop.analysis.probing import capitals, normalise
 
 
 def mc_docs(**kwargs) -> dict:

@@ -1,0 +1,1 @@
+"""The analysis behind the redundancy: attention manipulations, probing, ACT, attention maps."""

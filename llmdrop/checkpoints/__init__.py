@@ -1,0 +1,1 @@
+"""What is done to an export afterwards: lm-eval tasks, healing, quantization."""

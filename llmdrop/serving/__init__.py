@@ -1,0 +1,1 @@
+"""Speed on engines (transformers, vLLM), the bench verb, pushing to the Hub."""
