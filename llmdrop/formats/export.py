@@ -145,6 +145,8 @@ def export(
         raise LlmdropError(f"the plan is for {plan.num_layers} layers, the model has {model.config.num_hidden_layers}")
     exporter, passed_over = choose_exporter(fmt, model, loaded.adapter, plan)
     record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
+    if exporter.from_source_file:
+        return _export_source_file(exporter, loaded, plan, out, record, overwrite, base_model)
     exporter.apply(model, loaded.adapter, plan)
     # What the checkpoint really holds: a source that is an export already brings its own drops along.
     record["exported"].update(
@@ -187,4 +189,17 @@ def export(
         write_record(record, tmp)
         (tmp / "README.md").write_text(model_card(record, base_model=base_model))
         check_reload(tmp, exporter.model_class(json.loads((tmp / "config.json").read_text())))
+    return out
+
+
+def _export_source_file(exporter, loaded: LoadedModel, plan: DropPlan, out: Path, record: dict, overwrite, base_model):
+    """A format written from the source's own file (GGUF): nothing is done to the model in memory."""
+    from .card import model_card
+
+    attn, mlp = plan.exported_sublayers()
+    record["exported"].update(format=exporter.name, drop_attn_list=attn, drop_mlp_list=mlp, remote_code=False)
+    with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
+        record["exported"].update(exporter.write(loaded, plan, tmp))
+        write_record(record, tmp)
+        (tmp / "README.md").write_text(model_card(record, base_model=base_model))
     return out

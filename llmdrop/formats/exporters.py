@@ -85,6 +85,17 @@ class Exporter:
         """The class ``from_pretrained`` loads the written checkpoint with."""
         raise NotImplementedError
 
+    def request_refusal(self, request) -> str | None:
+        """Why this format cannot hold what a ``DropRequest`` asks, whatever the model; None if it may."""
+        return None
+
+    # A format written from the source's files rather than from the model in memory (``write`` instead of
+    # ``apply`` / ``save``): the export then has no config.json, and is checked by ``check`` instead of a reload.
+    from_source_file = False
+
+    def write(self, loaded, plan: DropPlan, folder: Path) -> dict:
+        raise NotImplementedError
+
 
 class VanillaExporter(Exporter):
     name = "vanilla"
@@ -284,7 +295,84 @@ class NemotronNasExporter(LlmdropExporter):
         return self._model_class("qwen2" if config.get("qkv_bias") else "llama")
 
 
-EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), LlmdropExporter())}
+class GGUFExporter(Exporter):
+    """A GGUF file for llama.cpp (and Ollama, LM Studio, llama-cpp-python), written from a GGUF source with its
+    tensors copied as stored (``gguf_export``). Never chosen by ``--format auto``: users ask for it."""
+
+    name = "gguf"
+    description = "a .gguf file for llama.cpp / Ollama, from a GGUF source: its quantized tensors copied as they are"
+    remote_code = False
+    engines = ("llama.cpp",)
+    from_source_file = True
+    FILE = "model.gguf"
+
+    def recognizes(self, config, folder):
+        return False  # no config.json: the .gguf file is what is loaded
+
+    def request_refusal(self, request):
+        reasons = {
+            "--compensate": request.compensate,
+            "--iterative": request.selector == "iterative",
+            f"--dtype {request.dtype}": request.dtype != "auto",
+            "--max-shard-size": request.max_shard_size is not None,
+        }
+        asked = [flag for flag, given in reasons.items() if given]
+        if asked:
+            return (
+                f"it copies the source file's tensors as stored, so {asked[0]} (which changes or re-casts weights) "
+                "cannot apply; use --format auto"
+            )
+        return None
+
+    def refusal(self, model, adapter, plan):
+        if is_llmdrop_model(model):
+            return "the source is an llmdrop remote-code export; give the .gguf file it was dropped from"
+        return None
+
+    def serving(self, where):
+        return [
+            "## How to run",
+            "",
+            f"`{self.FILE}` runs in llama.cpp and the tools built on it (it keeps the source GGUF's tokenizer and "
+            "tensor types):",
+            "",
+            "```bash",
+            f"llama-cli -m {self.FILE} -p 'Hello' -fa on   # or: llama-server -m {self.FILE} -fa on",
+            "```",
+            "",
+            f"Ollama: a `Modelfile` with `FROM ./{self.FILE}`, then `ollama create NAME -f Modelfile`. Layers "
+            "without attention get no K cache; flash attention (`-fa on`) also saves their V cache.",
+            "",
+        ]
+
+    def write(self, loaded, plan, folder):
+        from llmdrop.errors import LlmdropError
+
+        from .gguf_export import check_written, write_gguf
+
+        if not loaded.gguf_file:
+            raise LlmdropError(gguf_source_refusal())
+        expected = write_gguf(Path(loaded.path) / loaded.gguf_file, plan, folder / self.FILE)
+        check_written(folder / self.FILE, expected)
+        return {"dtype": expected.pop("dtype"), "gguf": {"file": self.FILE, **expected}}
+
+
+def check_source_file(fmt: str, gguf_file: str | None) -> None:
+    """A format written from a GGUF source file, asked of another source: refused before any model work."""
+    from llmdrop.errors import LlmdropError
+
+    if fmt in EXPORTERS and EXPORTERS[fmt].from_source_file and not gguf_file:
+        raise LlmdropError(gguf_source_refusal())
+
+
+def gguf_source_refusal() -> str:
+    return (
+        "--format gguf writes from a GGUF source (a .gguf file, or the builtin smollm2-135m); this source is "
+        "not one: use --format auto"
+    )
+
+
+EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), LlmdropExporter(), GGUFExporter())}
 
 
 def _recorded_format(folder: Path) -> str | None:

@@ -1,0 +1,152 @@
+"""--format gguf from the builtin SmolLM2 GGUF (Q4_1 as shipped): the file written holds exactly the tensors meant,
+copied byte for byte, with llama.cpp's per-layer counts; a whole-block export reloads in transformers with the
+logits of the same plan applied in memory; and every refusal comes before any model work. llama.cpp itself runs
+these files in tests/test_llamacpp.py."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from llmdrop.cli import app
+from llmdrop.formats.gguf_export import ZERO_FFN, check_written, read_source, value, write_gguf
+from llmdrop.planning.plan import DropPlan
+from llmdrop.source.models import builtin_gguf
+
+SOURCE = builtin_gguf("smollm2-135m")
+SOURCE_FILE = f"{SOURCE[0]}/{SOURCE[1]}"
+N = 30
+
+
+@pytest.fixture(scope="module")
+def source():
+    return read_source(SOURCE_FILE)
+
+
+def tensors(reader) -> dict:
+    return {t.name: t for t in reader.tensors}
+
+
+def expected_names(src: dict, plan: DropPlan) -> set:
+    """The tensor names the export must hold, worked out by hand from the plan."""
+    names = {n for n in src if not n.startswith("blk.")}
+    for new, old in enumerate(plan.kept_layers):
+        for n in src:
+            if not n.startswith(f"blk.{old}."):
+                continue
+            part = n.split(".", 2)[2]
+            if old in plan.attn and part.startswith("attn_"):
+                continue
+            names.add(f"blk.{new}.{part}")
+    return names
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        DropPlan(N, attn=[5, 6, 7, 22, 25, 26, 28, 29]),
+        DropPlan(N, mlp=[3, 29]),
+        DropPlan(N, blocks=[12, 13], attn=[10], mlp=[3, 29]),
+    ],
+    ids=["attn", "mlp-incl-last", "mixed"],
+)
+def test_sublayer_export_is_deci_with_the_source_tensors(source, plan, tmp_path):
+    out = tmp_path / "m.gguf"
+    written = write_gguf(SOURCE_FILE, plan, out)
+    check_written(out, written)
+    reader = read_source(out)
+    src, got = tensors(source), tensors(reader)
+    assert value(reader, "general.architecture") == "deci"
+    assert value(reader, "deci.block_count") == len(plan.kept_layers)
+    assert set(got) == expected_names(src, plan)  # nothing missing, nothing left over
+    new = plan.layer_map()
+    heads = [0 if i in plan.attn else 9 for i in plan.kept_layers]
+    assert value(reader, "deci.attention.head_count") == heads
+    assert value(reader, "deci.attention.head_count_kv") == [h // 3 for h in heads]
+    ffn = [ZERO_FFN if i in plan.mlp else 1536 for i in plan.kept_layers]
+    assert value(reader, "deci.feed_forward_length") == ffn
+    assert value(reader, "deci.attention.key_length") == value(reader, "deci.attention.value_length") == 64
+    for i in plan.mlp:  # the MLP that stands for a dropped one adds exactly zero
+        down = got[f"blk.{new[i]}.ffn_down.weight"]
+        assert down.tensor_type.name == "F16" and not np.asarray(down.data).any()
+        assert list(down.shape) == [ZERO_FFN, 576]
+    for old, b in new.items():  # copied as stored: same type, same bytes
+        for part in ("attn_q.weight", "ffn_down.weight", "ffn_norm.weight"):
+            if (part.startswith("attn") and old in plan.attn) or (part.startswith("ffn_down") and old in plan.mlp):
+                continue
+            a, c = src[f"blk.{old}.{part}"], got[f"blk.{b}.{part}"]
+            assert a.tensor_type == c.tensor_type and np.array_equal(np.asarray(a.data), np.asarray(c.data))
+    assert np.array_equal(np.asarray(src["token_embd.weight"].data), np.asarray(got["token_embd.weight"].data))
+    # the tokenizer and the rest of the metadata come along
+    assert value(reader, "tokenizer.ggml.tokens") == value(source, "tokenizer.ggml.tokens")
+    assert value(reader, "deci.rope.freq_base") == value(source, "llama.rope.freq_base")
+
+
+@pytest.mark.slow
+def test_block_export_keeps_the_architecture_and_reloads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmdrop.planning.surgery import apply_plan
+    from llmdrop.source.models import load_model
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["drop", "smollm2-135m", "--block-layers", "20-23", "--format", "gguf", "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "o" / "llmdrop.json").read_text())
+    assert record["exported"]["format"] == "gguf" and record["exported"]["gguf"]["architecture"] == "llama"
+    assert "llama-cli -m model.gguf" in (tmp_path / "o" / "README.md").read_text()
+    reader = read_source(tmp_path / "o" / "model.gguf")
+    assert value(reader, "llama.block_count") == 26 and value(reader, "llama.attention.head_count") == 9
+
+    ids = torch.tensor([[504, 3575, 282, 4649, 314, 3575, 282, 6353, 314]])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o", gguf_file="model.gguf")
+    loaded = load_model("smollm2-135m", device="cpu")
+    apply_plan(loaded.model, loaded.adapter, DropPlan(N, blocks=[20, 21, 22, 23]))
+    with torch.no_grad():
+        want, got = loaded.model(ids).logits, reloaded(ids).logits
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
+
+
+def test_the_first_layers_attention_is_refused(tmp_path):
+    with pytest.raises(Exception, match="head size from the first layer"):
+        write_gguf(SOURCE_FILE, DropPlan(N, attn=[0, 4]), tmp_path / "m.gguf")
+    with pytest.raises(Exception, match="head size from the first layer"):  # layer 1 becomes the first
+        write_gguf(SOURCE_FILE, DropPlan(N, blocks=[0], attn=[1]), tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--attn", "2", "--compensate", "linear"], "--compensate .* cannot apply; use --format auto"),
+        (["--attn", "2", "--dtype", "float16"], "--dtype float16 .* cannot apply"),
+        (["--blocks", "2", "--iterative"], "--iterative .* cannot apply"),
+    ],
+)
+def test_requests_gguf_cannot_hold_are_refused_before_any_work(flags, message, tmp_path, no_model_work):
+    result = CliRunner().invoke(app, ["drop", "smollm2-135m", *flags, "--format", "gguf", "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0 and no_model_work == []
+    assert len(result.output.strip().splitlines()) == 1
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_source_that_is_not_gguf_is_refused_before_any_work(tiny_llama, tiny_tokenizer, tmp_path, no_model_work):
+    tiny_llama.save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    result = CliRunner().invoke(
+        app, ["drop", str(tmp_path / "src"), "--attn-layers", "2", "--format", "gguf", "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code != 0 and no_model_work == []
+    assert "--format gguf writes from a GGUF source" in result.output and not (tmp_path / "o").exists()
+
+
+def test_auto_never_picks_gguf():
+    from llmdrop.formats.exporters import AUTO_ORDER, EXPORTERS
+
+    assert "gguf" in EXPORTERS and "gguf" not in AUTO_ORDER

@@ -1,0 +1,128 @@
+"""llama.cpp itself runs llmdrop's GGUF exports of the builtin SmolLM2 (Q4_1 as shipped) and computes what
+transformers computes for the same plan on the same (dequantized) weights.
+
+Runs where llama-cpp-python is installed (`make test` builds it into .venv-llamacpp); skips elsewhere.
+
+Tolerance: llama.cpp quantizes the *activations* to 8 bits for its quantized matmuls (Q4_1 / Q8_0 weights against
+Q8_1 / Q8_0 activations), transformers multiplies in float32, so logits differ by up to ~1 on a scale of ~20 even
+for the undropped model. Measured: mean KL(transformers || llama.cpp) per position 0.002-0.005 for the sublayer
+plans, 0.02 for 8 blocks (a more perplexed model: more near-ties). The tests allow 0.05 and 80% top-1 agreement,
+and check that this means something: the undropped model is at least 10x further from the export.
+"""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from llmdrop.formats.gguf_export import write_gguf  # noqa: E402
+from llmdrop.planning.plan import DropPlan  # noqa: E402
+from llmdrop.planning.surgery import apply_plan  # noqa: E402
+from llmdrop.source.models import builtin_gguf, load_model  # noqa: E402
+
+SOURCE_FILE = "/".join(builtin_gguf("smollm2-135m"))
+N = 30
+TEXT = (
+    "The capital of France is Paris. The capital of Germany is Berlin. Water boils at one hundred degrees "
+    "Celsius at sea level, and it freezes at zero. A week has seven days and a year has twelve months."
+)
+PLANS = {
+    "attn": DropPlan(N, attn=[5, 6, 7, 22, 25, 26, 28, 29]),
+    "mlp": DropPlan(N, mlp=[3, 17, 29]),  # the last layer's too: llama.cpp aborts on an MLP of width 0 there
+    "mixed": DropPlan(N, blocks=[12, 13], attn=[10, 24], mlp=[3, 29]),
+    "blocks": DropPlan(N, blocks=[20, 21, 22, 23, 24, 25, 26, 27]),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ids(smollm2):
+    return smollm2.tokenizer(TEXT, add_special_tokens=False).input_ids
+
+
+def llama_logits(path, ids) -> torch.Tensor:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, flash_attn=True)
+    llm.eval(ids)
+    return torch.tensor(np.array(llm.scores[: len(ids)]))
+
+
+def transformers_logits(loaded, plan, ids) -> torch.Tensor:
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    if plan is not None:
+        apply_plan(model, loaded.adapter, plan)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def kl(p_logits, q_logits) -> float:
+    p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_llama_cpp_computes_the_plan(name, smollm2, ids, tmp_path):
+    plan = PLANS[name]
+    write_gguf(SOURCE_FILE, plan, tmp_path / "m.gguf")
+    ours = llama_logits(tmp_path / "m.gguf", ids)
+    want = transformers_logits(smollm2, plan, ids)
+    undropped = transformers_logits(smollm2, None, ids)
+    agree = (ours.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(
+        f"{name}: KL {kl(want, ours):.4f}, top-1 agreement {agree:.3f}, undropped model's KL {kl(undropped, ours):.3f}"
+    )
+    assert kl(want, ours) < 0.05 and agree >= 0.8, (kl(want, ours), agree)
+    assert kl(undropped, ours) > 10 * kl(want, ours)
+
+
+def test_greedy_continuation_agrees(smollm2, tmp_path):
+    plan = PLANS["attn"]
+    write_gguf(SOURCE_FILE, plan, tmp_path / "m.gguf")
+    prompt = smollm2.tokenizer("Here are the days of the week: Monday,", add_special_tokens=False).input_ids
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, n_threads=2, verbose=False, flash_attn=True)
+    ours = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0):
+        ours.append(token)
+        if len(ours) == 12 or token == smollm2.tokenizer.eos_token_id:  # transformers stops at the end token too
+            break
+    import copy
+
+    model = copy.deepcopy(smollm2.model)
+    apply_plan(model, smollm2.adapter, plan)
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
+    assert ours == want
+
+
+def kv_cache_mib(path, flash: bool) -> float:
+    """The KV cache llama.cpp allocates for 256 cells, as it reports it (on stderr, from C)."""
+    code = (
+        "import llama_cpp, sys; llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=True, "
+        "flash_attn=sys.argv[2] == '1')"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(path), "1" if flash else "0"], capture_output=True, text=True, check=True
+    )
+    return float(re.search(r"llama_kv_cache: size =\s*([\d.]+) MiB", run.stderr)[1])
+
+
+def test_layers_without_attention_get_no_kv_cache(tmp_path):
+    per_layer = 256 * 3 * 64 * 2 * 2 / 2**20  # cells x KV heads x head size x (K, V) x f16 bytes, in MiB
+    write_gguf(SOURCE_FILE, PLANS["attn"], tmp_path / "attn.gguf")
+    write_gguf(SOURCE_FILE, PLANS["blocks"], tmp_path / "blocks.gguf")
+    assert kv_cache_mib(SOURCE_FILE, flash=True) == pytest.approx(30 * per_layer, abs=0.01)
+    assert kv_cache_mib(tmp_path / "attn.gguf", flash=True) == pytest.approx(22 * per_layer, abs=0.01)
+    assert kv_cache_mib(tmp_path / "blocks.gguf", flash=True) == pytest.approx(22 * per_layer, abs=0.01)
+    # without flash attention llama.cpp still pads the V cache of the attention-free layers to full width
+    assert kv_cache_mib(tmp_path / "attn.gguf", flash=False) == pytest.approx(
+        (22 + 30) / 2 * per_layer, abs=0.01
+    )  # K: 22, V: 30
