@@ -150,3 +150,39 @@ def test_auto_never_picks_gguf():
     from llmdrop.formats.exporters import AUTO_ORDER, EXPORTERS
 
     assert "gguf" in EXPORTERS and "gguf" not in AUTO_ORDER
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["smollm2-135m", "--batch-sizes", "1,8"], "one sequence at a time"),
+        (["smollm2-135m", "--dtype", "float16"], "leave --dtype at auto"),
+        (["--random-weights", "tiny", "base"], "--random-weights is for transformers and vllm"),
+        (["{tiny}"], "llama.cpp runs GGUF files; export with `llmdrop drop ... --format gguf`"),
+    ],
+)
+def test_bench_on_llama_cpp_refuses_what_it_cannot_measure(args, message, tiny_llama, tiny_tokenizer, tmp_path):
+    tiny_llama.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    args = [a.replace("{tiny}", str(tmp_path / "tiny")) for a in args]
+    result = CliRunner().invoke(app, ["bench", "--engine", "llama.cpp", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_gguf_shape_reads_the_bounds_from_the_file(tmp_path):
+    from llmdrop.serving.speed_llamacpp import GGUFShape
+
+    write_gguf(SOURCE_FILE, DropPlan(N, attn=[5, 6, 7, 22, 25, 26, 28, 29]), tmp_path / "a.gguf")
+    base, dropped = GGUFShape(SOURCE_FILE), GGUFShape(tmp_path / "a.gguf")
+    assert (base.attention_layers, dropped.attention_layers) == (30, 22)
+    assert base.kv_bytes_per_token() == 30 * 2 * 3 * 64 * 2 and dropped.kv_bytes_per_token() == 22 * 2 * 3 * 64 * 2
+    # tied embeddings: a decode step reads every stored byte
+    assert base.weight_bytes_per_step() == sum(int(t.n_bytes) for t in read_source(SOURCE_FILE).tensors)
+    removed = sum(
+        int(t.n_bytes)
+        for t in read_source(SOURCE_FILE).tensors
+        if re.match(r"blk\.(5|6|7|22|25|26|28|29)\.attn_", t.name)
+    )
+    assert base.weight_bytes_per_step() - dropped.weight_bytes_per_step() == removed
+    per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536  # q, o; k, v; gate, up, down
+    assert base.prefill_flops(10, 1) == 2 * 10 * 30 * per_layer + 30 * 2 * 9 * 64 * 10 * 11 + 2 * 49152 * 576

@@ -126,3 +126,32 @@ def test_layers_without_attention_get_no_kv_cache(tmp_path):
     assert kv_cache_mib(tmp_path / "attn.gguf", flash=False) == pytest.approx(
         (22 + 30) / 2 * per_layer, abs=0.01
     )  # K: 22, V: 30
+
+
+def test_bench_on_llama_cpp(tmp_path):
+    from llmdrop.serving.benchmark import bench
+
+    (tmp_path / "m").mkdir()
+    write_gguf(SOURCE_FILE, PLANS["attn"], tmp_path / "m" / "attn.gguf")
+    report = bench(
+        [SOURCE_FILE, str(tmp_path / "m" / "attn.gguf")],
+        engine="llama.cpp",
+        prompt_lens=(16, 32),
+        gen_len=4,
+        repeats=2,
+        warmup=1,
+        progress=False,
+        out=str(tmp_path / "bench.json"),
+    )
+    assert report["engine"]["name"] == "llama.cpp" and report["settings"]["flash_attn"] is True
+    assert [m["kept_attention_layers"] for m in report["models"]] == [30, 22]
+    rows = {(r["model"], r["prompt_len"]): r for r in report["results"]}
+    assert len(rows) == 4 and all(len(r["samples"]["decode_s"]) == 2 for r in rows.values())
+    dropped = rows[(str(tmp_path / "m" / "attn.gguf"), 32)]
+    assert dropped["kv_cache_bytes_per_token"] == 22 * 2 * 3 * 64 * 2
+    base_bytes = report["models"][0]["weight_bytes_per_decode_step"]
+    ours = report["models"][1]["weight_bytes_per_decode_step"]
+    context = 32 + 5 / 2
+    want = (base_bytes + context * 30 * 768) / (ours + context * 22 * 768)
+    assert dropped["bound"]["decode"] == pytest.approx(want)
+    assert dropped["speedup"]["decode"] > 0 and (tmp_path / "bench.json").is_file()

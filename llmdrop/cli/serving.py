@@ -35,7 +35,12 @@ def bench_cmd(
     gen_len: Annotated[
         int, typer.Option("--gen-len", help="Decode steps per run (one token each, KV cache fed back).")
     ] = 128,
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8",
+    batch_sizes: Annotated[
+        Optional[str],
+        typer.Option(
+            "--batch-sizes", help="Comma-separated batch sizes [default: 1,8; llama.cpp: 1].", show_default=False
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model and setting (median, min-max reported).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed full runs per model and setting first.")] = 2,
     device: Device = "auto",
@@ -53,8 +58,9 @@ def bench_cmd(
     engine: Annotated[
         str,
         typer.Option(
-            help="transformers (eager forward + KV cache loop) or vllm (its offline API, one engine process per "
-            "model; exports must be nemotron-nas or vanilla; random weights use vLLM's dummy loading)."
+            help="transformers (eager forward + KV cache loop), vllm (its offline API, one engine process per "
+            "model; exports must be nemotron-nas or vanilla; random weights use vLLM's dummy loading) or llama.cpp "
+            "(llama-cpp-python on GGUF files, e.g. `drop --format gguf` exports; one sequence, flash attention)."
         ),
     ] = "transformers",
     out: Annotated[
@@ -83,6 +89,8 @@ def bench_cmd(
     Example: `llmdrop bench --random-weights llama-3-8b base attn:16 blocks:8 --plot bench.png`
 
     Example: `llmdrop bench --engine vllm --random-weights llama-3-8b base attn:16 blocks:8`
+
+    Example: `llmdrop bench --engine llama.cpp smollm2-135m ./drop8attn-gguf --prompt-lens 128`
     """
     from llmdrop.report import console
     from llmdrop.serving.benchmark import bench
@@ -92,7 +100,7 @@ def bench_cmd(
         bench,
         locals(),
         prompt_lens=parse_int_list(prompt_lens, "--prompt-lens"),
-        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes") if batch_sizes else None,
     )
     if json_out:
         print_json(report)

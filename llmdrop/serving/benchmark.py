@@ -1,11 +1,14 @@
-"""`llmdrop bench`: check the outputs, run one engine (``bench``: transformers, ``speed_vllm``: vLLM), write the report
-(JSON, plot, Markdown). The engines share their settings, model specs and report (``bench``)."""
+"""`llmdrop bench`: check the outputs, run one engine (``speed``: transformers, ``speed_vllm``: vLLM,
+``speed_llamacpp``: llama.cpp), write the report (JSON, plot, Markdown). The engines share their settings, model
+specs and report (``speed``)."""
 
 from llmdrop.errors import LlmdropError
 from llmdrop.files import JSON, MARKDOWN, atomic_write_text, check_outputs, plot_suffixes, write_json
 from llmdrop.source.models import model_input
 
 from .speed import markdown_table, plot_report, transformers_bench
+
+ENGINES = ("transformers", "vllm", "llama.cpp")
 
 
 def bench(
@@ -14,7 +17,7 @@ def bench(
     random_weights: str | None = None,
     prompt_lens=(128, 512, 2048),
     gen_len: int = 128,
-    batch_sizes=(1, 8),
+    batch_sizes=None,
     repeats: int = 5,
     warmup: int = 2,
     device: str = "auto",
@@ -32,7 +35,13 @@ def bench(
 ) -> dict:
     """`llmdrop bench`: load / build every model, measure them interleaved, write JSON / plot / markdown.
 
-    ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.serving.speed_vllm``)."""
+    ``engine="vllm"`` runs the same measurements through vLLM's offline API (``llmdrop.serving.speed_vllm``),
+    ``engine="llama.cpp"`` through llama-cpp-python on GGUF files (``llmdrop.serving.speed_llamacpp``).
+    ``batch_sizes``: default 1 and 8 (llama.cpp: 1)."""
+    if engine not in ENGINES:
+        raise LlmdropError(f"unknown --engine {engine!r}; use {', '.join(ENGINES)}")
+    if batch_sizes is None:
+        batch_sizes = (1,) if engine == "llama.cpp" else (1, 8)
     check_outputs(
         {"--out": (out, JSON), "--plot": (plot, plot_suffixes() if plot else None), "--markdown": (markdown, MARKDOWN)},
         overwrite=overwrite,
@@ -58,10 +67,14 @@ def bench(
         if device != "auto":
             raise LlmdropError("--engine vllm runs where its build runs (CUDA or CPU): leave --device at auto")
         report = vllm_bench(models, **common)
-    elif engine == "transformers":
-        report = transformers_bench(models, device=device, **common)
+    elif engine == "llama.cpp":
+        from .speed_llamacpp import llamacpp_bench
+
+        if device != "auto":
+            raise LlmdropError("--engine llama.cpp runs on the CPU here: leave --device at auto")
+        report = llamacpp_bench(models, **common)
     else:
-        raise LlmdropError(f"unknown --engine {engine!r}; use transformers or vllm")
+        report = transformers_bench(models, device=device, **common)
     if random_weights:
         report["random_weights"] = random_weights
     if out:

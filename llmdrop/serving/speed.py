@@ -128,11 +128,42 @@ _VARIANT_HELP = "use base, attn:N, mlp:N, blocks:N or lists like attn:16-31, joi
 # ---------------------------------------------------------------------------------------------- models
 
 
+class ModelShape:
+    """What the bounds and the report read from a model under test: here a torch model (the meta device is enough:
+    only shapes are read). An engine that runs other files gives its own (``speed_llamacpp.GGUFShape``)."""
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        self.num_layers = config.num_hidden_layers
+        self.attention_layers = attention_layer_count(config)
+        self.vocab_size = config.vocab_size
+        self.dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token_analytic(self.model)
+
+    def weight_bytes_per_step(self) -> int:
+        return weight_bytes_per_step(self.model)
+
+    def decode_bytes_per_step(self, prompt_len: int, gen_len: int, batch: int) -> float:
+        return decode_bytes_per_step(self.model, prompt_len, gen_len, batch)
+
+    def prefill_flops(self, prompt_len: int, batch: int) -> float:
+        positions = 1 if "logits_to_keep" in _forward_kwargs(self.model) else prompt_len
+        return prefill_flops(self.model, prompt_len, batch, positions)
+
+
 @dataclass
 class BenchModel:
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     spec: dict | None = None  # how to rebuild it in a child process (CPU peak memory); None: not measured
+    shape: ModelShape | None = None  # default: the shape of ``model``
+
+    def __post_init__(self):
+        if self.shape is None:
+            self.shape = ModelShape(self.model)
 
 
 def parse_variant(text: str, num_layers: int) -> DropPlan:
@@ -530,7 +561,6 @@ def _check_lengths(entries: list[BenchModel], prompt_lens, gen_len) -> None:
 
 
 def _result(bm: BenchModel, runs: list[dict], p: int, b: int, gen_len: int, peak: int | None) -> dict:
-    positions = 1 if "logits_to_keep" in _forward_kwargs(bm.model) else p
     return {
         "model": bm.name,
         "prompt_len": p,
@@ -540,12 +570,12 @@ def _result(bm: BenchModel, runs: list[dict], p: int, b: int, gen_len: int, peak
         "decode_tokens_per_s": _stats([b * gen_len / r["decode_s"] for r in runs]),
         "ttft_ms": _stats([1000 * r["ttft_s"] for r in runs]),
         "kv_cache_bytes_per_token": runs[0]["kv_bytes_per_token"],
-        "kv_cache_bytes_per_token_analytic": kv_bytes_per_token_analytic(bm.model),
+        "kv_cache_bytes_per_token_analytic": bm.shape.kv_bytes_per_token(),
         "kv_cache_layers": runs[0]["cache_layers"],
         "peak_memory_bytes": peak,
         "theory": {
-            "prefill_flops": prefill_flops(bm.model, p, b, positions),
-            "decode_bytes_per_step": decode_bytes_per_step(bm.model, p, gen_len, b),
+            "prefill_flops": bm.shape.prefill_flops(p, b),
+            "decode_bytes_per_step": bm.shape.decode_bytes_per_step(p, gen_len, b),
         },
         "samples": {k: [r[k] for r in runs] for k in ("prefill_s", "ttft_s", "decode_s")},
     }
@@ -648,7 +678,7 @@ def assemble_report(
 ) -> dict:
     """The JSON-able report from the timed runs of every (model, prompt_len, batch): one row per model and setting,
     with the speedups against ``entries[0]`` measured in the same run beside their theoretical bounds. The bounds
-    come from ``bm.model`` (a model on the meta device is enough: only shapes are read)."""
+    come from ``bm.shape``."""
     import transformers
 
     from llmdrop import __version__
@@ -667,7 +697,7 @@ def assemble_report(
             row.update(speedup=speedup, bound=bound, of_bound={k: speedup[k] / bound[k] for k in bound})
         results += rows
 
-    dtypes = sorted({str(bm.model.get_input_embeddings().weight.dtype).removeprefix("torch.") for bm in entries})
+    dtypes = sorted({bm.shape.dtype for bm in entries})
     return {
         "format": FORMAT,
         "engine": engine or {"name": "transformers", "version": transformers.__version__},
@@ -686,10 +716,10 @@ def assemble_report(
             {
                 "name": bm.name,
                 "spec": bm.spec,
-                "num_layers": bm.model.config.num_hidden_layers,
-                "kept_attention_layers": attention_layer_count(bm.model.config),
+                "num_layers": bm.shape.num_layers,
+                "kept_attention_layers": bm.shape.attention_layers,
                 "parameter_bytes": parameter_bytes[bm.name],
-                "weight_bytes_per_decode_step": weight_bytes_per_step(bm.model),
+                "weight_bytes_per_decode_step": bm.shape.weight_bytes_per_step(),
             }
             for bm in entries
         ],
