@@ -13,7 +13,7 @@ from llmdrop import _PUBLIC
 from llmdrop.errors import LlmdropError
 from llmdrop.files import DATA_DIR, JSON, check_output_dir, check_outputs, check_writable_parent, plot_suffixes
 from llmdrop.formats.export import export
-from llmdrop.formats.exporters import check_source_file
+from llmdrop.formats.exporters import check_request
 from llmdrop.passes.runner import is_streamed
 from llmdrop.passes.scoring import Scores
 from llmdrop.planning.compensate import check_supported, compensate_linear, stored_replacements
@@ -210,13 +210,13 @@ def drop(
     calib = CalibSpec.of(calib)
     check_output_dir(out, overwrite, inputs=[model_input(model), request.scores_file, calib.input])
     request.check()
-    check_source_file(request.fmt, _gguf_file_of(model))
     selector(request.selector).check(request)
     chooser = selector(request.selector) if request.counted else None
     if stream and chooser and chooser.in_memory:
         raise LlmdropError(chooser.in_memory)
     scores = _given_scores(request, model)
     config = _config_of(model)
+    check_request(request, gguf_file=_gguf_file_of(model), config=config, stream=stream)
     calib = calib.fitted(config)
     request.check_source(config, scores)
     weights_change = bool(request.compensate and not stream) or request.selector == "iterative"

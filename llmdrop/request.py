@@ -80,15 +80,12 @@ class DropRequest:
     def check(self) -> None:
         """Everything that needs no model, in the order a user meets it (the selector's own checks are
         ``selectors.Selector.check``)."""
-        from llmdrop.formats.exporters import EXPORTERS, check_format_name
+        from llmdrop.formats.exporters import check_format_name
         from llmdrop.planning.compensate import check_method
         from llmdrop.source.calibration import check_sizes
 
         check_sizes(batch_size=self.batch_size)
         check_format_name(self.fmt)
-        why = EXPORTERS[self.fmt].request_refusal(self) if self.fmt in EXPORTERS else None
-        if why:
-            raise LlmdropError(f"--format {self.fmt} cannot hold this export: {why}")
         for text in self.lists:
             if isinstance(text, str):
                 parse_layers(text)  # syntax errors first; ranges need the layer count

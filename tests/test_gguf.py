@@ -99,7 +99,9 @@ def test_block_export_keeps_the_architecture_and_reloads_in_transformers(tmp_pat
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "o" / "llmdrop.json").read_text())
     assert record["exported"]["format"] == "gguf" and record["exported"]["gguf"]["architecture"] == "llama"
-    assert "llama-cli -m model.gguf" in (tmp_path / "o" / "README.md").read_text()
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "llama-cli -m model.gguf" in card and "library_name: gguf" in card
+    assert "copied as they are stored" in card and "dequantized" not in card and "from_pretrained" not in card
     reader = read_source(tmp_path / "o" / "model.gguf")
     assert value(reader, "llama.block_count") == 26 and value(reader, "llama.attention.head_count") == 9
 
@@ -123,9 +125,12 @@ def test_the_first_layers_attention_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--attn", "2", "--compensate", "linear"], "--compensate .* cannot apply; use --format auto"),
-        (["--attn", "2", "--dtype", "float16"], "--dtype float16 .* cannot apply"),
-        (["--blocks", "2", "--iterative"], "--iterative .* cannot apply"),
+        (
+            ["--blocks", "2", "--compensate", "linear"],
+            "tensors as stored, so --compensate cannot apply; use --format auto",
+        ),
+        (["--attn", "2", "--dtype", "float16"], "so --dtype float16 cannot apply"),
+        (["--blocks", "2", "--iterative"], "so --iterative cannot apply"),
     ],
 )
 def test_requests_gguf_cannot_hold_are_refused_before_any_work(flags, message, tmp_path, no_model_work):
@@ -136,14 +141,91 @@ def test_requests_gguf_cannot_hold_are_refused_before_any_work(flags, message, t
     assert not (tmp_path / "o").exists()
 
 
-def test_a_source_that_is_not_gguf_is_refused_before_any_work(tiny_llama, tiny_tokenizer, tmp_path, no_model_work):
-    tiny_llama.save_pretrained(tmp_path / "src")
-    tiny_tokenizer.save_pretrained(tmp_path / "src")
-    result = CliRunner().invoke(
-        app, ["drop", str(tmp_path / "src"), "--attn-layers", "2", "--format", "gguf", "-o", str(tmp_path / "o")]
+@pytest.mark.parametrize(
+    "arch, flags, message",
+    [
+        ("qwen3", [], "from Llama-family checkpoints (llama, mistral), not qwen3"),
+        ("gemma2", [], "not gemma2"),
+        ("llama", ["--stream", "--compensate", "linear"], "--stream with --compensate cannot apply"),
+        ("llama", ["--dtype", "float16"], "own precision into one file, so --dtype float16 cannot apply"),
+    ],
+)
+def test_checkpoints_gguf_cannot_hold_are_refused_before_any_work(arch, flags, message, tmp_path, no_model_work):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    tiny_model(arch).save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    args = ["drop", str(tmp_path / "src"), "--blocks", "2", *flags, "--format", "gguf", "-o", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and no_model_work == [], result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_pre_tokenizers_llama_cpp_knows_are_named():
+    from llmdrop.errors import LlmdropError
+    from llmdrop.formats.gguf_convert import pre_tokenizer
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    llama3 = (
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+        "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
     )
-    assert result.exit_code != 0 and no_model_work == []
-    assert "--format gguf writes from a GGUF source" in result.output and not (tmp_path / "o").exists()
+    split = {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False}
+    sequence = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    assert pre_tokenizer({"pre_tokenizer": sequence}) == "llama-bpe"
+    with pytest.raises(LlmdropError, match="no pre-tokenizer llmdrop can name"):
+        pre_tokenizer({"pre_tokenizer": {"type": "Metaspace"}})
+
+
+@pytest.fixture(scope="module")
+def smollm2_on_disk(tmp_path_factory):
+    """SmolLM2 as a user's safetensors checkpoint: the builtin GGUF loaded (dequantized) and saved."""
+    from llmdrop.formats.export import save_tokenizer, strip_gguf_quantization
+    from llmdrop.source.models import load_model
+
+    folder = tmp_path_factory.mktemp("smollm2-st")
+    loaded = load_model("smollm2-135m", device="cpu")
+    strip_gguf_quantization(loaded.model)
+    loaded.model.save_pretrained(folder)
+    save_tokenizer(loaded.tokenizer, folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_checkpoint_becomes_a_gguf_transformers_reads_back(smollm2_on_disk, tmp_path):
+    """The names, the q / k row order and the tokenizer of the conversion, checked by transformers' own GGUF
+    loader (which undoes llama.cpp's rotary layout): the same logits as the checkpoint with the same blocks gone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmdrop.planning.surgery import apply_plan
+    from llmdrop.source.models import load_model
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(
+        app, ["drop", str(smollm2_on_disk), "--block-layers", "3,4", "--format", "gguf", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "llmdrop.json").read_text())["exported"]
+    assert record["gguf"]["architecture"] == "llama" and record["dtype"] == "as stored: F32"
+    reader = read_source(out / "model.gguf")
+    assert value(reader, "tokenizer.ggml.pre") == "gpt-2" and value(reader, "llama.block_count") == 28
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied, as in the checkpoint
+
+    ids = torch.tensor([[504, 3575, 282, 4649, 314, 3575, 282, 6353, 314]])
+    reloaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    loaded = load_model(str(smollm2_on_disk), device="cpu")
+    apply_plan(loaded.model, loaded.adapter, DropPlan(N, blocks=[3, 4]))
+    with torch.no_grad():
+        want, got = loaded.model(ids).logits, reloaded(ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    text = "Tokenizers: 3 apples, naïve café\n\tdone."
+    assert (
+        AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")(text).input_ids == loaded.tokenizer(text).input_ids
+    )
 
 
 def test_auto_never_picks_gguf():

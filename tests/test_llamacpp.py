@@ -155,3 +155,86 @@ def test_bench_on_llama_cpp(tmp_path):
     want = (base_bytes + context * 30 * 768) / (ours + context * 22 * 768)
     assert dropped["bound"]["decode"] == pytest.approx(want)
     assert dropped["speedup"]["decode"] > 0 and (tmp_path / "bench.json").is_file()
+
+
+STRINGS = [
+    "Hello world",
+    "The year 2024 had 366 days, not 365!",
+    "  leading spaces\tand tabs\n\nnewlines",
+    "naïve café — ünïcödé 日本語",
+    "x = f(a, b) + 3.14159",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_on_disk(tmp_path_factory, smollm2):
+    """SmolLM2 as a user's safetensors checkpoint (the builtin GGUF dequantized and saved)."""
+    from llmdrop.formats.export import save_tokenizer, strip_gguf_quantization
+
+    folder = tmp_path_factory.mktemp("smollm2-st")
+    strip_gguf_quantization(smollm2.model)
+    smollm2.model.save_pretrained(folder)
+    save_tokenizer(smollm2.tokenizer, folder)
+    return folder
+
+
+def drop_to_gguf(source, plan_args, out):
+    from typer.testing import CliRunner
+
+    from llmdrop.cli import app
+
+    result = CliRunner().invoke(app, ["drop", str(source), *plan_args, "--format", "gguf", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out / "model.gguf"
+
+
+@pytest.mark.parametrize(
+    "plan_args, plan",
+    [
+        (["--attn-layers", "5,6,7", "--mlp-layers", "20,29"], DropPlan(N, attn=[5, 6, 7], mlp=[20, 29])),
+        (["--block-layers", "3,4"], DropPlan(N, blocks=[3, 4])),
+    ],
+    ids=["sublayers", "blocks"],
+)
+def test_a_checkpoint_converted_runs_in_llama_cpp(plan_args, plan, smollm2_on_disk, tmp_path):
+    """From safetensors: F32 tensors, so llama.cpp multiplies in F32 too and only its f16 KV cache rounds."""
+    path = drop_to_gguf(smollm2_on_disk, plan_args, tmp_path / "o")
+    loaded = load_model(str(smollm2_on_disk), device="cpu")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, flash_attn=True)
+    for text in STRINGS:  # the converted tokenizer splits text as transformers does, special tokens included
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=True)
+            == loaded.tokenizer(text, add_special_tokens=False).input_ids
+        ), text
+    ids = loaded.tokenizer(TEXT, add_special_tokens=False).input_ids
+    llm.eval(ids)
+    ours = torch.tensor(np.array(llm.scores[: len(ids)]))
+    want = transformers_logits(loaded, plan, ids)
+    assert (ours - want).abs().max() < 0.1 and (ours.argmax(-1) == want.argmax(-1)).all()
+    assert (ours - transformers_logits(loaded, None, ids)).abs().max() > 1  # the plan is what made the difference
+
+
+def test_a_smollm_pre_tokenizer_is_converted(smollm2_on_disk, tmp_path):
+    """SmolLM2's own tokenizer splits digits one by one before BPE; llama.cpp must be told ("smollm")."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "src"
+    shutil.copytree(smollm2_on_disk, folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    byte_level = data["pre_tokenizer"]
+    data["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    path = drop_to_gguf(folder, ["--block-layers", "3"], tmp_path / "o")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
+    for text in STRINGS:
+        want = tokenizer(text, add_special_tokens=False).input_ids
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+    assert len(tokenizer("2024", add_special_tokens=False).input_ids) == 4  # the digits were split

@@ -154,8 +154,8 @@ def drop_cmd(
             "--format",
             help="Checkpoint format: auto (the first that can hold the plan: vanilla, nemotron-nas, llmdrop), "
             "vanilla (whole blocks only), nemotron-nas (served natively by vLLM; Llama family, not layer 0's "
-            "attention), llmdrop (remote code, any plan) or gguf (a .gguf file for llama.cpp / Ollama from a GGUF "
-            "source, its quantized tensors copied as stored; never chosen by auto).",
+            "attention), llmdrop (remote code, any plan) or gguf (a .gguf file for llama.cpp / Ollama: from a GGUF "
+            "source with its tensors copied as stored, or from a Llama-family checkpoint; never chosen by auto).",
         ),
     ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,

@@ -45,14 +45,17 @@ def hub_id(name: str | None) -> str | None:
     return name
 
 
-def gguf_note(source: dict) -> list[str]:
+def gguf_note(source: dict, copied: bool = False) -> list[str]:
     """For a GGUF source, the card's paragraph saying whose weights these are: the base model's, quantized into the
-    GGUF file and dequantized on load, so they carry that quantization's error (``base_model`` stays the true base)."""
+    GGUF file and dequantized on load, so they carry that quantization's error (``base_model`` stays the true base);
+    ``copied``: a GGUF export, whose tensors are the file's own, still quantized."""
     gguf = source.get("gguf_file")
     if not gguf:
         return []
     kind = _GGUF_TYPE.search(Path(gguf).stem)
     kind = f" (quantized to {kind.group(1).upper()})" if kind else ""
+    if copied:
+        return [f"The tensors are those of the GGUF file `{gguf}`{kind}, copied as they are stored.", ""]
     return [
         f"The weights are not the original ones: they come from the GGUF file `{gguf}`{kind}, dequantized to "
         "floating point when llmdrop loaded it, and keep that quantization's rounding error.",
@@ -192,6 +195,9 @@ def serve_section(fmt: str | None, where: str) -> list[str]:
     return EXPORTERS[fmt].serving(where) if fmt in EXPORTERS else []
 
 
+RECORD_LINE = "`llmdrop.json` records the source, the plan, the importance scores and the versions used."
+
+
 def model_card(
     record: dict,
     *,
@@ -216,14 +222,22 @@ def model_card(
     base = base_model or BUILTIN_BASE_MODELS.get(src["model"]) or src["model"]
     base_id = hub_id(base)
     remote = exported["remote_code"]
-    tags = ["llmdrop", "layer-dropping", "pruning"] + (["custom_code"] if remote else [])
+    from .exporters import EXPORTERS
+
+    exporter = EXPORTERS.get(exported.get("format"))
+    library = exporter.library if exporter else "transformers"
+    tags = (
+        ["llmdrop", "layer-dropping", "pruning"]
+        + (["custom_code"] if remote else [])
+        + ([library] if library != "transformers" else [])
+    )
     trust = ", trust_remote_code=True" if remote else ""
     name = base_id or Path(str(base)).name
     link = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{name}`"
     lines = [
         "---",
         *([f"base_model: {base_id}"] if base_id else []),
-        "library_name: transformers",
+        f"library_name: {library}",
         "pipeline_tag: text-generation",
         f"tags:{_yaml_list(tags)}",
         "---",
@@ -252,7 +266,7 @@ def model_card(
             f"This checkpoint is {link} with nothing removed.",
             "",
         ]
-    lines += gguf_note(src)
+    lines += gguf_note(src, copied=library == "gguf")
     act = record.get("attention_calibration")
     if act:
         heads = ", ".join(f"{l}.{h}" for l, h in act["heads"])
@@ -288,6 +302,9 @@ def model_card(
     if bench and bench.get("results"):
         lines += bench_section(bench, bench_plot)
     where = repo_id or "PATH_OR_REPO"
+    if library != "transformers":  # the exporter's own section says how to run it
+        lines += serve_section(exported.get("format"), where)
+        return "\n".join([*lines, RECORD_LINE, "", END_MARKER, ""]) + user_text
     lines += [
         "## How to load",
         "",
@@ -314,12 +331,7 @@ def model_card(
             "",
         ]
     lines += serve_section(exported.get("format"), where)
-    lines += [
-        "`llmdrop.json` records the source, the plan, the importance scores and the versions used.",
-        "",
-        END_MARKER,
-        "",
-    ]
+    lines += [RECORD_LINE, "", END_MARKER, ""]
     return "\n".join(lines) + user_text
 
 

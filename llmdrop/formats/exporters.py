@@ -50,6 +50,7 @@ class Exporter:
     description: str = ""
     remote_code = True  # loading it runs the code shipped beside it (trust_remote_code)
     engines: tuple[str, ...] = ("transformers",)  # what serves it (llmdrop bench --engine, the card)
+    library = "transformers"  # what loads it (the card's library_name)
 
     def recognizes(self, config: dict, folder: Path) -> bool:
         """Is the checkpoint in ``folder`` (its config.json: ``config``) an llmdrop export in this format?"""
@@ -85,12 +86,13 @@ class Exporter:
         """The class ``from_pretrained`` loads the written checkpoint with."""
         raise NotImplementedError
 
-    def request_refusal(self, request) -> str | None:
-        """Why this format cannot hold what a ``DropRequest`` asks, whatever the model; None if it may."""
+    def request_refusal(self, request, *, gguf_file: str | None, config: dict, stream: bool) -> str | None:
+        """Why this format cannot hold what a ``DropRequest`` asks of this source (its GGUF file name, config.json:
+        {} when unknown before loading); None if it may. Checked before any model work."""
         return None
 
-    # A format written from the source's files rather than from the model in memory (``write`` instead of
-    # ``apply`` / ``save``): the export then has no config.json, and is checked by ``check`` instead of a reload.
+    # A format written by the exporter alone (``write`` instead of ``apply`` / ``save``), from the source's file or
+    # the model: the export then has no config.json and is checked by reading it back instead of a reload.
     from_source_file = False
 
     def write(self, loaded, plan: DropPlan, folder: Path) -> dict:
@@ -296,32 +298,41 @@ class NemotronNasExporter(LlmdropExporter):
 
 
 class GGUFExporter(Exporter):
-    """A GGUF file for llama.cpp (and Ollama, LM Studio, llama-cpp-python), written from a GGUF source with its
-    tensors copied as stored (``gguf_export``). Never chosen by ``--format auto``: users ask for it."""
+    """A GGUF file for llama.cpp (and Ollama, LM Studio, llama-cpp-python): from a GGUF source with its tensors
+    copied as stored (``gguf_export``), from a Llama-family checkpoint converted (``gguf_convert``). Never chosen by
+    ``--format auto``: users ask for it."""
 
     name = "gguf"
-    description = "a .gguf file for llama.cpp / Ollama, from a GGUF source: its quantized tensors copied as they are"
+    description = "a .gguf file for llama.cpp / Ollama: from a GGUF source its tensors copied as stored"
     remote_code = False
     engines = ("llama.cpp",)
+    library = "gguf"
     from_source_file = True
     FILE = "model.gguf"
 
     def recognizes(self, config, folder):
         return False  # no config.json: the .gguf file is what is loaded
 
-    def request_refusal(self, request):
-        reasons = {
-            "--compensate": request.compensate,
-            "--iterative": request.selector == "iterative",
+    def request_refusal(self, request, *, gguf_file, config, stream):
+        asked = {
             f"--dtype {request.dtype}": request.dtype != "auto",
             "--max-shard-size": request.max_shard_size is not None,
         }
-        asked = [flag for flag, given in reasons.items() if given]
-        if asked:
-            return (
-                f"it copies the source file's tensors as stored, so {asked[0]} (which changes or re-casts weights) "
-                "cannot apply; use --format auto"
-            )
+        if gguf_file:  # the source file's tensors are copied: nothing changed in memory can reach the export
+            asked.update({"--compensate": request.compensate, "--iterative": request.selector == "iterative"})
+            keeps = "it copies the source GGUF's tensors as stored"
+        else:
+            asked["--stream with --compensate"] = stream and bool(request.compensate)
+            keeps = "it writes the checkpoint's own precision into one file"
+        flags = [flag for flag, given in asked.items() if given]
+        if flags:
+            return f"{keeps}, so {flags[0]} cannot apply; use --format auto"
+        if not gguf_file and config:
+            from types import SimpleNamespace
+
+            from .gguf_convert import refusal
+
+            return refusal(SimpleNamespace(**config))
         return None
 
     def refusal(self, model, adapter, plan):
@@ -333,8 +344,7 @@ class GGUFExporter(Exporter):
         return [
             "## How to run",
             "",
-            f"`{self.FILE}` runs in llama.cpp and the tools built on it (it keeps the source GGUF's tokenizer and "
-            "tensor types):",
+            f"`{self.FILE}` runs in llama.cpp and the tools built on it:",
             "",
             "```bash",
             f"llama-cli -m {self.FILE} -p 'Hello' -fa on   # or: llama-server -m {self.FILE} -fa on",
@@ -346,30 +356,27 @@ class GGUFExporter(Exporter):
         ]
 
     def write(self, loaded, plan, folder):
-        from llmdrop.errors import LlmdropError
-
         from .gguf_export import check_written, write_gguf
 
-        if not loaded.gguf_file:
-            raise LlmdropError(gguf_source_refusal())
-        expected = write_gguf(Path(loaded.path) / loaded.gguf_file, plan, folder / self.FILE)
+        if loaded.gguf_file:
+            source = Path(loaded.path) / loaded.gguf_file
+        else:
+            from .gguf_convert import from_checkpoint
+
+            source = from_checkpoint(loaded)
+        expected = write_gguf(source, plan, folder / self.FILE)
         check_written(folder / self.FILE, expected)
         return {"dtype": expected.pop("dtype"), "gguf": {"file": self.FILE, **expected}}
 
 
-def check_source_file(fmt: str, gguf_file: str | None) -> None:
-    """A format written from a GGUF source file, asked of another source: refused before any model work."""
+def check_request(request, *, gguf_file: str | None, config: dict, stream: bool) -> None:
+    """What the chosen ``--format`` refuses of this request and source, before any model work."""
     from llmdrop.errors import LlmdropError
 
-    if fmt in EXPORTERS and EXPORTERS[fmt].from_source_file and not gguf_file:
-        raise LlmdropError(gguf_source_refusal())
-
-
-def gguf_source_refusal() -> str:
-    return (
-        "--format gguf writes from a GGUF source (a .gguf file, or the builtin smollm2-135m); this source is "
-        "not one: use --format auto"
-    )
+    exporter = EXPORTERS.get(request.fmt)
+    why = exporter.request_refusal(request, gguf_file=gguf_file, config=config, stream=stream) if exporter else None
+    if why:
+        raise LlmdropError(f"--format {request.fmt} cannot hold this export: {why}")
 
 
 EXPORTERS = {e.name: e for e in (VanillaExporter(), NemotronNasExporter(), LlmdropExporter(), GGUFExporter())}

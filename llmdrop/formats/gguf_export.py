@@ -19,7 +19,9 @@ Qwen2 GGUF stores them for NEOX rope) can lose whole blocks only.
 """
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,6 +35,45 @@ _ATTN_TENSORS = ("attn_",)  # attn_norm, attn_q / k / v, attn_output, attn_q_nor
 _FFN_WEIGHTS = ("ffn_gate.", "ffn_up.", "ffn_down.")  # ffn_norm stays: the zero MLP is normed as the real one was
 
 
+@dataclass
+class Tensor:
+    """One tensor to write: its GGUF name, how it is stored, and how to get its data (read when written)."""
+
+    name: str
+    shape: tuple  # numpy shape of the data (for quantized types: rows x bytes)
+    dtype: np.dtype
+    nbytes: int
+    ggml_type: object  # gguf.GGMLQuantizationType
+    load: Callable[[], np.ndarray]
+
+
+@dataclass
+class Source:
+    """What a GGUF export is written from: metadata (key -> (value, type, array item type)) and tensors, in GGUF
+    naming. From a GGUF file (``from_file``) or from a checkpoint in memory (``gguf_convert.from_checkpoint``)."""
+
+    fields: dict
+    tensors: list[Tensor]
+    endianess: object = 0  # gguf.GGUFEndian.LITTLE
+
+    @classmethod
+    def from_file(cls, path) -> "Source":
+        reader = read_source(path)
+        fields = {
+            f.name: (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+            for f in reader.fields.values()
+            if not f.name.startswith("GGUF.")
+        }
+        tensors = [
+            Tensor(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type, lambda t=t: t.data)
+            for t in reader.tensors
+        ]
+        return cls(fields, tensors, reader.endianess)
+
+    def value(self, key: str):
+        return self.fields[key][0] if key in self.fields else None
+
+
 def read_source(path) -> "gguf.GGUFReader":  # noqa: F821
     import gguf
 
@@ -43,6 +84,9 @@ def read_source(path) -> "gguf.GGUFReader":  # noqa: F821
 
 
 def value(reader, key: str):
+    """A metadata value of a ``GGUFReader`` or a ``Source``; None if absent."""
+    if isinstance(reader, Source):
+        return reader.value(key)
     field = reader.fields.get(key)
     return field.contents() if field is not None else None
 
@@ -87,31 +131,30 @@ def plan_layers(reader, plan: DropPlan) -> dict:
 
 
 def write_gguf(source, plan: DropPlan, out: Path) -> dict:
-    """Write ``plan`` applied to the GGUF file ``source`` to ``out``; returns what the file holds (for the record)."""
+    """Write ``plan`` applied to ``source`` (a GGUF file, or a ``Source``) to ``out``; returns what the file holds
+    (for the record)."""
     import gguf
 
-    reader = read_source(source)
-    arch = value(reader, "general.architecture")
-    n = value(reader, f"{arch}.block_count")
+    if not isinstance(source, Source):
+        source = Source.from_file(source)
+    arch = source.value("general.architecture")
+    n = source.value(f"{arch}.block_count")
     if n != plan.num_layers:
-        raise LlmdropError(f"the plan is for {plan.num_layers} layers, the GGUF file has {n}")
-    why = refusal(reader, plan)
+        raise LlmdropError(f"the plan is for {plan.num_layers} layers, the GGUF source has {n}")
+    why = refusal(source, plan)
     if why:
         raise LlmdropError(f"--format gguf cannot hold this export: {why}")
     target = "deci" if plan.attn or plan.mlp else arch
-    layers = plan_layers(reader, plan)
+    layers = plan_layers(source, plan)
     kept, new_index = plan.kept_layers, plan.layer_map()
-    head_dim = _head_dim(reader, arch)
+    head_dim = _head_dim(source, arch)
 
     writer = gguf.GGUFWriter(out, target)
     per_layer_keys = {f"{arch}.{k}" for k in ("block_count", *layers)}
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in per_layer_keys:
+    for name, (contents, kind, sub) in source.fields.items():
+        if name == "general.architecture" or name in per_layer_keys:
             continue
-        key = target + field.name[len(arch) :] if field.name.startswith(arch + ".") else field.name
-        contents = field.contents()
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        key = target + name[len(arch) :] if name.startswith(arch + ".") else name
         if kind == gguf.GGUFValueType.ARRAY and key.startswith(target + ".") and len(contents) == n:
             contents = [contents[i] for i in kept]  # another per-layer array (e.g. a sliding-window pattern)
         writer.add_key_value(key, contents, kind, sub_type=sub)
@@ -120,12 +163,12 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
         writer.add_head_count(layers["attention.head_count"])
         writer.add_head_count_kv(layers["attention.head_count_kv"])
         writer.add_feed_forward_length(layers["feed_forward_length"])
-        if value(reader, f"{arch}.attention.key_length") is None:  # deci cannot derive them from layer 0 alone
+        if source.value(f"{arch}.attention.key_length") is None:  # deci cannot derive them from layer 0 alone
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
     else:
         for key, values in layers.items():
-            scalar = len(set(values)) == 1 and not isinstance(value(reader, f"{arch}.{key}"), list)
+            scalar = len(set(values)) == 1 and not isinstance(source.value(f"{arch}.{key}"), list)
             writer.add_key_value(
                 f"{target}.{key}",
                 values[0] if scalar else values,
@@ -133,11 +176,11 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
                 sub_type=None if scalar else gguf.GGUFValueType.UINT32,
             )
 
-    tensors = []  # (name, raw tensor of the source or a new numpy array)
-    for t in reader.tensors:
+    tensors = []
+    for t in source.tensors:
         match = _BLOCK.fullmatch(t.name)
         if not match:
-            tensors.append((t.name, t))
+            tensors.append(t)
             continue
         i, rest = int(match[1]), match[2]
         if i not in new_index:
@@ -146,26 +189,24 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
             continue
         if i in plan.mlp and rest.startswith(_FFN_WEIGHTS):
             continue
-        tensors.append((f"blk.{new_index[i]}.{rest}", t))
-    embd = value(reader, f"{arch}.embedding_length")
+        tensors.append(Tensor(f"blk.{new_index[i]}.{rest}", t.shape, t.dtype, t.nbytes, t.ggml_type, t.load))
+    types = sorted({t.ggml_type.name for t in tensors})
+    embd = source.value(f"{arch}.embedding_length")
+    zeros_in, zeros_out = np.zeros((ZERO_FFN, embd), np.float16), np.zeros((embd, ZERO_FFN), np.float16)
     for i in plan.mlp:
-        zeros_in, zeros_out = np.zeros((ZERO_FFN, embd), np.float16), np.zeros((embd, ZERO_FFN), np.float16)
         b = new_index[i]
-        tensors += [(f"blk.{b}.ffn_gate.weight", zeros_in), (f"blk.{b}.ffn_up.weight", zeros_in)]
-        tensors.append((f"blk.{b}.ffn_down.weight", zeros_out))
+        for name, zeros in (("ffn_gate", zeros_in), ("ffn_up", zeros_in), ("ffn_down", zeros_out)):
+            f16 = gguf.GGMLQuantizationType.F16
+            tensors.append(Tensor(f"blk.{b}.{name}.weight", zeros.shape, zeros.dtype, zeros.nbytes, f16, lambda: zeros))
 
-    for name, t in tensors:
-        if isinstance(t, np.ndarray):
-            writer.add_tensor_info(name, t.shape, t.dtype, t.nbytes)
-        else:
-            writer.add_tensor_info(name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, t.ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, t in tensors:
-        writer.write_tensor_data(t if isinstance(t, np.ndarray) else t.data, tensor_endianess=reader.endianess)
+    for t in tensors:
+        writer.write_tensor_data(t.load(), tensor_endianess=source.endianess)
     writer.close()
-    types = sorted({t.tensor_type.name for _, t in tensors if not isinstance(t, np.ndarray)})
     return {"architecture": target, "tensors": len(tensors), "dtype": "as stored: " + ", ".join(types), **layers}
 
 
