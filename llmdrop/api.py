@@ -243,7 +243,7 @@ def drop(
     extra = {"skip_attention_from": request.skip_attention_from} if request.skip_attention_from is not None else {}
     if chooser is None:
         plan = DropPlan(loaded.num_layers, **_plan_lists(request.explicit_lists(loaded.num_layers, absent)))
-        if plan.empty:
+        if plan.empty and request.fmt != "gguf":  # an empty plan in GGUF: an existing export converted
             raise LlmdropError("nothing to drop: give --attn/--mlp/--blocks/--joint N or explicit layer lists")
     else:
         plan, extra[chooser.record_key], scores = _choose(chooser, loaded, tokens, request, scores, calib, progress)

@@ -141,6 +141,13 @@ def test_requests_gguf_cannot_hold_are_refused_before_any_work(flags, message, t
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
+def test_a_gguf_source_with_nothing_to_drop_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["drop", "smollm2-135m", "--format", "gguf", "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "nothing to drop, and the source is a GGUF file already" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "arch, flags, message",
     [

@@ -238,3 +238,23 @@ def test_a_smollm_pre_tokenizer_is_converted(smollm2_on_disk, tmp_path):
         want = tokenizer(text, add_special_tokens=False).input_ids
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
     assert len(tokenizer("2024", add_special_tokens=False).input_ids) == 4  # the digits were split
+
+
+@pytest.mark.parametrize("fmt", ["nemotron-nas", "llmdrop"])
+def test_an_existing_export_is_converted_as_it_is(fmt, smollm2_on_disk, tmp_path):
+    """`drop EXPORT --format gguf` with nothing more to drop: the export's own drops become deci layers (its
+    dropped MLP, whose norm is gone too, a zero MLP behind a unit norm)."""
+    from typer.testing import CliRunner
+
+    from llmdrop.cli import app
+
+    args = ["drop", str(smollm2_on_disk), "--attn-layers", "5,6,7", "--mlp-layers", "29", "--format", fmt]
+    assert CliRunner().invoke(app, [*args, "-o", str(tmp_path / "export")]).exit_code == 0
+    path = drop_to_gguf(tmp_path / "export", [], tmp_path / "o")
+    export = load_model(str(tmp_path / "export"), device="cpu")
+    ids = export.tokenizer(TEXT, add_special_tokens=False).input_ids
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, flash_attn=True)
+    llm.eval(ids)
+    ours = torch.tensor(np.array(llm.scores[: len(ids)]))
+    want = transformers_logits(export, None, ids)
+    assert (ours - want).abs().max() < 0.1 and (ours.argmax(-1) == want.argmax(-1)).all()

@@ -69,3 +69,10 @@ def test_impossible_requests(kwargs, message):
 def test_plan_index_out_of_range():
     with pytest.raises(LlmdropError, match="attn layer 6 is out of range"):
         DropPlan(6, attn=[6])
+
+
+def test_with_absent_parts_adds_an_exports_own_drops():
+    plan = DropPlan(6, blocks=[1], attn=[2], mlp=[])
+    merged = plan.with_absent_parts({"attn": [1, 4], "mlp": [5]})
+    assert (merged.blocks, merged.attn, merged.mlp) == ([1], [2, 4], [5])  # a removed block needs nothing more
+    assert plan.with_absent_parts({"attn": [], "mlp": []}) is plan

@@ -139,11 +139,12 @@ def export(
 
     out = check_output_dir(out, overwrite, inputs=[loaded.path])
     model = loaded.model
-    if plan.empty and not getattr(model.config, "attention_calibration", None):  # calibration: `act apply`
-        raise LlmdropError("the drop plan is empty: nothing to export")
     if plan.num_layers != model.config.num_hidden_layers:
         raise LlmdropError(f"the plan is for {plan.num_layers} layers, the model has {model.config.num_hidden_layers}")
     exporter, passed_over = choose_exporter(fmt, model, loaded.adapter, plan)
+    # calibration: `act apply`; a format written by its exporter (GGUF) may convert an export as it is
+    if plan.empty and not getattr(model.config, "attention_calibration", None) and not exporter.from_source_file:
+        raise LlmdropError("the drop plan is empty: nothing to export")
     record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
     if exporter.from_source_file:
         return _export_source_file(exporter, loaded, plan, out, record, overwrite, base_model)

@@ -336,9 +336,7 @@ class GGUFExporter(Exporter):
         return None
 
     def refusal(self, model, adapter, plan):
-        if is_llmdrop_model(model):
-            return "the source is an llmdrop remote-code export; give the .gguf file it was dropped from"
-        return None
+        return None  # what the sources allow is checked before any work (request_refusal) and while writing
 
     def serving(self, where):
         return [
@@ -359,14 +357,23 @@ class GGUFExporter(Exporter):
         from .gguf_export import check_written, write_gguf
 
         if loaded.gguf_file:
+            if plan.empty:
+                from llmdrop.errors import LlmdropError
+
+                raise LlmdropError("nothing to drop, and the source is a GGUF file already")
             source = Path(loaded.path) / loaded.gguf_file
         else:
+            from llmdrop.source.arch import absent_parts
+
             from .gguf_convert import from_checkpoint
 
             source = from_checkpoint(loaded)
+            plan = plan.with_absent_parts(absent_parts(loaded.model.config))
         expected = write_gguf(source, plan, folder / self.FILE)
         check_written(folder / self.FILE, expected)
-        return {"dtype": expected.pop("dtype"), "gguf": {"file": self.FILE, **expected}}
+        attn, mlp = plan.exported_sublayers()  # what the file holds, an export source's own drops included
+        extra = {"drop_attn_list": attn, "drop_mlp_list": mlp}
+        return {"dtype": expected.pop("dtype"), **extra, "gguf": {"file": self.FILE, **expected}}
 
 
 def check_request(request, *, gguf_file: str | None, config: dict, stream: bool) -> None:

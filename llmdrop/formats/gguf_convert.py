@@ -37,9 +37,13 @@ FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
 
 def refusal(config) -> str | None:
     """Why a checkpoint with this config cannot become a GGUF here; None if it can."""
-    model_type = getattr(config, "model_type", None)
-    if getattr(config, "drop_attn_list", None) is not None or getattr(config, "llmdrop_sublayers", None):
-        return "the source is an llmdrop remote-code export; drop from the checkpoint it came from"
+    from llmdrop.source.arch import adapter_for
+
+    model_type = adapter_for(config).model_type  # an llmdrop / nemotron-nas export: its base architecture
+    if getattr(config, "attention_calibration", None):
+        return "llama.cpp has no attention calibration (`act apply`)"
+    if getattr(config, "qkv_bias", False):
+        return "llama.cpp's llama architecture has no biases"
     if model_type not in ("llama", "mistral"):
         return f"a GGUF is written from GGUF files, or from Llama-family checkpoints (llama, mistral), not {model_type}"
     if getattr(config, "sliding_window", None):
@@ -143,7 +147,8 @@ def tokenizer_fields(tokenizer, writer, vocab_size: int) -> None:
 
 
 def from_checkpoint(loaded) -> Source:
-    """The model llmdrop loaded (in memory or streamed), undropped, as a GGUF source."""
+    """The model llmdrop loaded (in memory or streamed) as a GGUF source, with every layer it has; an export's
+    dropped sublayers have no tensors (the plan written from it must drop them: ``with_absent_parts``)."""
     import gguf
 
     config = loaded.model.config
@@ -174,6 +179,9 @@ def from_checkpoint(loaded) -> Source:
     tokenizer_fields(loaded.tokenizer, writer, config.vocab_size)
     fields = {key: (v.value, v.type, v.sub_type) for key, v in writer.kv_data[0].items()}
 
+    from llmdrop.source.arch import absent_parts
+
+    absent = absent_parts(config)  # an export's dropped sublayers: their tensors are not there
     tensors = []
     for hf, name in TOP_NAMES.items():
         tensors.append(_ggml_tensor(name, source[hf], "F32" if "norm" in name else ggml_type, None))
@@ -181,6 +189,8 @@ def from_checkpoint(loaded) -> Source:
         tensors.append(_ggml_tensor("output.weight", source["lm_head.weight"], ggml_type, None))
     for i in range(n):
         for hf, name in LAYER_NAMES.items():
+            if i in absent["attn"] and name.startswith("attn_") or i in absent["mlp"] and name.startswith("ffn_"):
+                continue
             rows = heads if name == "attn_q.weight" else kv if name == "attn_k.weight" else None
             kind = "F32" if name.endswith("norm.weight") else ggml_type  # llama.cpp keeps norms in F32
             tensors.append(_ggml_tensor(f"blk.{i}.{name}", source[f"model.layers.{i}.{hf}"], kind, rows))

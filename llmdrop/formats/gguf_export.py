@@ -191,7 +191,15 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
             continue
         tensors.append(Tensor(f"blk.{new_index[i]}.{rest}", t.shape, t.dtype, t.nbytes, t.ggml_type, t.load))
     types = sorted({t.ggml_type.name for t in tensors})
+    names = {t.name for t in tensors}
     embd = source.value(f"{arch}.embedding_length")
+    ones = np.ones(embd, np.float32)
+    for i in plan.mlp:  # a checkpoint whose MLP was dropped before has no norm for it: the zero MLP needs one
+        norm = f"blk.{new_index[i]}.ffn_norm.weight"
+        if norm not in names:
+            tensors.append(
+                Tensor(norm, ones.shape, ones.dtype, ones.nbytes, gguf.GGMLQuantizationType.F32, lambda: ones)
+            )
     zeros_in, zeros_out = np.zeros((ZERO_FFN, embd), np.float16), np.zeros((embd, ZERO_FFN), np.float16)
     for i in plan.mlp:
         b = new_index[i]

@@ -65,6 +65,20 @@ class DropPlan:
             method=self.method,
         )
 
+    def with_absent_parts(self, absent: dict) -> "DropPlan":
+        """This plan plus the sublayers the source (an export) lacks already: what a format that states every
+        layer's parts (GGUF) must leave out."""
+        if not (absent.get("attn") or absent.get("mlp")):
+            return self
+        blocks = set(self.blocks)
+        return DropPlan(
+            self.num_layers,
+            blocks=self.blocks,
+            attn=sorted((set(self.attn) | set(absent.get("attn", ()))) - blocks),
+            mlp=sorted((set(self.mlp) | set(absent.get("mlp", ()))) - blocks),
+            method=self.method,
+        )
+
     def to_dict(self) -> dict:
         return {
             "num_layers": self.num_layers,
