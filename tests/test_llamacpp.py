@@ -258,3 +258,70 @@ def test_an_existing_export_is_converted_as_it_is(fmt, smollm2_on_disk, tmp_path
     ours = torch.tensor(np.array(llm.scores[: len(ids)]))
     want = transformers_logits(export, None, ids)
     assert (ours - want).abs().max() < 0.1 and (ours.argmax(-1) == want.argmax(-1)).all()
+
+
+def byte_level_bpe(folder):
+    """A small byte-level BPE tokenizer (GPT-2 style), trained on the test text: what the converter needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize(
+    "plan_args, plan",
+    [
+        (["--attn-layers", "2", "--mlp-layers", "1,5"], DropPlan(6, attn=[2], mlp=[1, 5])),
+        (["--block-layers", "0,3"], DropPlan(6, blocks=[0, 3])),
+    ],
+    ids=["sublayers", "blocks"],
+)
+def test_tiny_random_models_run_in_llama_cpp(arch, plan_args, plan, tmp_path):
+    """Random weights of every architecture a GGUF is converted from (GQA, head size 16): llama.cpp's logits and
+    greedy tokens against transformers'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    tokenizer = byte_level_bpe(src)
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        **({"sliding_window": None} if arch == "mistral" else {}),
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    path = drop_to_gguf(src, plan_args, tmp_path / "o")
+    loaded = load_model(str(src), device="cpu")
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids[:40]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, flash_attn=True)
+    llm.eval(ids)
+    ours = torch.tensor(np.array(llm.scores[: len(ids)]))
+    want = transformers_logits(loaded, plan, ids)
+    assert (ours - want).abs().max() < 1e-2 * want.abs().max(), (ours - want).abs().max()
+    llm.reset()
+    greedy = [t for _, t in zip(range(10), llm.generate(ids[:8], top_k=1, temp=0.0))]
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    apply_plan(model, loaded.adapter, plan)
+    want_tokens = model.generate(torch.tensor([ids[:8]]), max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert greedy == want_tokens[0, 8:].tolist()
