@@ -143,11 +143,11 @@ def export(
         raise LlmdropError(f"the plan is for {plan.num_layers} layers, the model has {model.config.num_hidden_layers}")
     exporter, passed_over = choose_exporter(fmt, model, loaded.adapter, plan)
     # calibration: `act apply`; a format written by its exporter (GGUF) may convert an export as it is
-    if plan.empty and not getattr(model.config, "attention_calibration", None) and not exporter.from_source_file:
+    if plan.empty and not getattr(model.config, "attention_calibration", None) and not exporter.writes_itself:
         raise LlmdropError("the drop plan is empty: nothing to export")
     record = provenance(loaded, plan, scores=scores, calibration=calibration, extra=extra)
-    if exporter.from_source_file:
-        return _export_source_file(exporter, loaded, plan, out, record, overwrite, base_model)
+    if exporter.writes_itself:
+        return _export_written_by_exporter(exporter, loaded, plan, out, record, overwrite, base_model)
     exporter.apply(model, loaded.adapter, plan)
     # What the checkpoint really holds: a source that is an export already brings its own drops along.
     record["exported"].update(
@@ -193,8 +193,10 @@ def export(
     return out
 
 
-def _export_source_file(exporter, loaded: LoadedModel, plan: DropPlan, out: Path, record: dict, overwrite, base_model):
-    """A format written from the source's own file (GGUF): nothing is done to the model in memory."""
+def _export_written_by_exporter(
+    exporter, loaded: LoadedModel, plan: DropPlan, out: Path, record: dict, overwrite, base_model
+):
+    """A format its exporter writes whole (GGUF: from the source's file, or from the model as it is)."""
     from .card import model_card
 
     attn, mlp = plan.exported_sublayers()

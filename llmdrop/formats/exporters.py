@@ -93,7 +93,7 @@ class Exporter:
 
     # A format written by the exporter alone (``write`` instead of ``apply`` / ``save``), from the source's file or
     # the model: the export then has no config.json and is checked by reading it back instead of a reload.
-    from_source_file = False
+    writes_itself = False
 
     def write(self, loaded, plan: DropPlan, folder: Path) -> dict:
         raise NotImplementedError
@@ -307,7 +307,7 @@ class GGUFExporter(Exporter):
     remote_code = False
     engines = ("llama.cpp",)
     library = "gguf"
-    from_source_file = True
+    writes_itself = True
     FILE = "model.gguf"
 
     def recognizes(self, config, folder):
