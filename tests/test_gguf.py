@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from llmdrop.cli import app
-from llmdrop.formats.gguf_export import ZERO_FFN, check_written, read_source, value, write_gguf
+from llmdrop.formats.gguf_export import ZERO_FFN, check_written, read_source, write_gguf
 from llmdrop.planning.plan import DropPlan
 from llmdrop.source.models import builtin_gguf
 
@@ -24,6 +24,12 @@ N = 30
 @pytest.fixture(scope="module")
 def source():
     return read_source(SOURCE_FILE)
+
+
+def value(reader, key: str):
+    """A metadata value of a GGUF file read with gguf.GGUFReader (None if absent)."""
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else None
 
 
 def tensors(reader) -> dict:
@@ -141,10 +147,10 @@ def test_requests_gguf_cannot_hold_are_refused_before_any_work(flags, message, t
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
-def test_a_gguf_source_with_nothing_to_drop_is_refused(tmp_path):
+def test_a_gguf_source_with_nothing_to_drop_is_refused(tmp_path, no_model_work):
     result = CliRunner().invoke(app, ["drop", "smollm2-135m", "--format", "gguf", "-o", str(tmp_path / "o")])
     assert result.exit_code != 0 and "nothing to drop, and the source is a GGUF file already" in result.output
+    assert no_model_work == []
     assert not (tmp_path / "o").exists()
 
 

@@ -55,14 +55,19 @@ def llama_logits(path, ids) -> torch.Tensor:
     return torch.tensor(np.array(llm.scores[: len(ids)]))
 
 
-def transformers_logits(loaded, plan, ids) -> torch.Tensor:
+def dropped(loaded, plan):
+    """A copy of the loaded model with ``plan`` applied in memory (None: undropped), as the export's code does."""
     import copy
 
     model = copy.deepcopy(loaded.model)
     if plan is not None:
         apply_plan(model, loaded.adapter, plan)
+    return model
+
+
+def transformers_logits(loaded, plan, ids) -> torch.Tensor:
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
+        return dropped(loaded, plan)(torch.tensor([ids])).logits[0].float()
 
 
 def kl(p_logits, q_logits) -> float:
@@ -95,11 +100,11 @@ def test_greedy_continuation_agrees(smollm2, tmp_path):
         ours.append(token)
         if len(ours) == 12 or token == smollm2.tokenizer.eos_token_id:  # transformers stops at the end token too
             break
-    import copy
-
-    model = copy.deepcopy(smollm2.model)
-    apply_plan(model, smollm2.adapter, plan)
-    want = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
+    want = (
+        dropped(smollm2, plan)
+        .generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+        .tolist()
+    )
     assert ours == want
 
 
@@ -319,9 +324,7 @@ def test_tiny_random_models_run_in_llama_cpp(arch, plan_args, plan, tmp_path):
     assert (ours - want).abs().max() < 1e-2 * want.abs().max(), (ours - want).abs().max()
     llm.reset()
     greedy = [t for _, t in zip(range(10), llm.generate(ids[:8], top_k=1, temp=0.0))]
-    import copy
-
-    model = copy.deepcopy(loaded.model)
-    apply_plan(model, loaded.adapter, plan)
-    want_tokens = model.generate(torch.tensor([ids[:8]]), max_new_tokens=10, do_sample=False, eos_token_id=None)
+    want_tokens = dropped(loaded, plan).generate(
+        torch.tensor([ids[:8]]), max_new_tokens=10, do_sample=False, eos_token_id=None
+    )
     assert greedy == want_tokens[0, 8:].tolist()

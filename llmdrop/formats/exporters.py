@@ -318,6 +318,8 @@ class GGUFExporter(Exporter):
             f"--dtype {request.dtype}": request.dtype != "auto",
             "--max-shard-size": request.max_shard_size is not None,
         }
+        if gguf_file and not (request.counted or request.explicit):
+            return "nothing to drop, and the source is a GGUF file already"
         if gguf_file:  # the source file's tensors are copied: nothing changed in memory can reach the export
             asked.update({"--compensate": request.compensate, "--iterative": request.selector == "iterative"})
             keeps = "it copies the source GGUF's tensors as stored"
@@ -357,10 +359,6 @@ class GGUFExporter(Exporter):
         from .gguf_export import check_written, write_gguf
 
         if loaded.gguf_file:
-            if plan.empty:
-                from llmdrop.errors import LlmdropError
-
-                raise LlmdropError("nothing to drop, and the source is a GGUF file already")
             source = Path(loaded.path) / loaded.gguf_file
         else:
             from llmdrop.source.arch import absent_parts

@@ -89,8 +89,10 @@ def _ggml_tensor(name: str, stored: tuple, ggml_type: str, heads: int | None) ->
         t = t.contiguous()
         return (t.view(torch.uint16) if ggml_type == "BF16" else t).numpy()
 
-    nbytes = int(np.prod(shape)) * np_dtype.itemsize
-    return Tensor(name, tuple(shape), np_dtype, nbytes, gguf.GGMLQuantizationType[ggml_type], load)
+    elements = int(np.prod(shape))
+    return Tensor(
+        name, tuple(shape), np_dtype, elements * np_dtype.itemsize, gguf.GGMLQuantizationType[ggml_type], load, elements
+    )
 
 
 def pre_tokenizer(tokenizer_json: dict) -> str:

@@ -19,7 +19,7 @@ Qwen2 GGUF stores them for NEOX rope) can lose whole blocks only.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,7 @@ class Tensor:
     nbytes: int
     ggml_type: object  # gguf.GGMLQuantizationType
     load: Callable[[], np.ndarray]
+    elements: int = 0  # of the tensor it stores (its shape in elements, whatever the type)
 
 
 @dataclass
@@ -65,13 +66,35 @@ class Source:
             if not f.name.startswith("GGUF.")
         }
         tensors = [
-            Tensor(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type, lambda t=t: t.data)
+            Tensor(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type, lambda t=t: t.data, t.n_elements)
             for t in reader.tensors
         ]
         return cls(fields, tensors, reader.endianess)
 
     def value(self, key: str):
         return self.fields[key][0] if key in self.fields else None
+
+    @property
+    def arch(self) -> str:
+        return self.value("general.architecture")
+
+    @property
+    def num_layers(self) -> int:
+        return self.value(f"{self.arch}.block_count")
+
+    def per_layer(self, key: str) -> list:
+        """A per-layer hyperparameter of the architecture as a list (GGUF stores a scalar when all layers agree)."""
+        v = self.value(f"{self.arch}.{key}")
+        return list(v) if isinstance(v, list) else [v] * self.num_layers
+
+    def kv_heads(self) -> list:
+        kv = self.per_layer("attention.head_count_kv")
+        return self.per_layer("attention.head_count") if kv[0] is None else kv
+
+    def head_dim(self) -> int:
+        heads = self.per_layer("attention.head_count")
+        key = self.value(f"{self.arch}.attention.key_length")
+        return key or self.value(f"{self.arch}.embedding_length") // next(h for h in heads if h)
 
 
 def read_source(path) -> "gguf.GGUFReader":  # noqa: F821
@@ -83,44 +106,26 @@ def read_source(path) -> "gguf.GGUFReader":  # noqa: F821
         raise LlmdropError(f"{path} is not a GGUF file llmdrop can read ({type(e).__name__}: {e})") from None
 
 
-def value(reader, key: str):
-    """A metadata value of a ``GGUFReader`` or a ``Source``; None if absent."""
-    if isinstance(reader, Source):
-        return reader.value(key)
-    field = reader.fields.get(key)
-    return field.contents() if field is not None else None
-
-
-def per_layer(reader, arch: str, key: str, n: int) -> list:
-    """A per-layer hyperparameter as a list of n values (GGUF stores a scalar when every layer has the same)."""
-    v = value(reader, f"{arch}.{key}")
-    return list(v) if isinstance(v, list) else [v] * n
-
-
-def refusal(reader, plan: DropPlan) -> str | None:
+def refusal(source: Source, plan: DropPlan) -> str | None:
     """Why llama.cpp could not run ``plan`` written from this GGUF source; None if it can."""
-    arch = value(reader, "general.architecture")
-    if (plan.attn or plan.mlp) and arch not in SUBLAYER_ARCHS:
+    if (plan.attn or plan.mlp) and source.arch not in SUBLAYER_ARCHS:
         return (
             f"llama.cpp holds dropped attention / MLP sublayers in its `deci` architecture, which has the Llama "
-            f"layout; this GGUF is {arch!r} (whole --blocks only)"
+            f"layout; this GGUF is {source.arch!r} (whole --blocks only)"
         )
     first = plan.kept_layers[0]
-    heads = per_layer(reader, arch, "attention.head_count", plan.num_layers)
-    if first in plan.attn or not heads[first]:
+    if first in plan.attn or not source.per_layer("attention.head_count")[first]:
         return f"llama.cpp reads the head size from the first layer, whose attention (layer {first}) would be gone"
     return None
 
 
-def plan_layers(reader, plan: DropPlan) -> dict:
+def plan_layers(source: Source, plan: DropPlan) -> dict:
     """Per exported layer: head counts and MLP width as llama.cpp will read them."""
-    arch = value(reader, "general.architecture")
-    n = plan.num_layers
-    heads = per_layer(reader, arch, "attention.head_count", n)
-    kv = per_layer(reader, arch, "attention.head_count_kv", n)
-    if kv[0] is None:
-        kv = heads
-    ffn = per_layer(reader, arch, "feed_forward_length", n)
+    heads, kv, ffn = (
+        source.per_layer("attention.head_count"),
+        source.kv_heads(),
+        source.per_layer("feed_forward_length"),
+    )
     attn, mlp = set(plan.attn), set(plan.mlp)
     kept = plan.kept_layers
     return {
@@ -137,8 +142,7 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
 
     if not isinstance(source, Source):
         source = Source.from_file(source)
-    arch = source.value("general.architecture")
-    n = source.value(f"{arch}.block_count")
+    arch, n = source.arch, source.num_layers
     if n != plan.num_layers:
         raise LlmdropError(f"the plan is for {plan.num_layers} layers, the GGUF source has {n}")
     why = refusal(source, plan)
@@ -147,7 +151,7 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
     target = "deci" if plan.attn or plan.mlp else arch
     layers = plan_layers(source, plan)
     kept, new_index = plan.kept_layers, plan.layer_map()
-    head_dim = _head_dim(source, arch)
+    head_dim = source.head_dim()
 
     writer = gguf.GGUFWriter(out, target)
     per_layer_keys = {f"{arch}.{k}" for k in ("block_count", *layers)}
@@ -189,7 +193,7 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
             continue
         if i in plan.mlp and rest.startswith(_FFN_WEIGHTS):
             continue
-        tensors.append(Tensor(f"blk.{new_index[i]}.{rest}", t.shape, t.dtype, t.nbytes, t.ggml_type, t.load))
+        tensors.append(replace(t, name=f"blk.{new_index[i]}.{rest}"))
     types = sorted({t.ggml_type.name for t in tensors})
     names = {t.name for t in tensors}
     embd = source.value(f"{arch}.embedding_length")
@@ -198,14 +202,18 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
         norm = f"blk.{new_index[i]}.ffn_norm.weight"
         if norm not in names:
             tensors.append(
-                Tensor(norm, ones.shape, ones.dtype, ones.nbytes, gguf.GGMLQuantizationType.F32, lambda: ones)
+                Tensor(
+                    norm, ones.shape, ones.dtype, ones.nbytes, gguf.GGMLQuantizationType.F32, lambda: ones, ones.size
+                )
             )
     zeros_in, zeros_out = np.zeros((ZERO_FFN, embd), np.float16), np.zeros((embd, ZERO_FFN), np.float16)
     for i in plan.mlp:
         b = new_index[i]
         for name, zeros in (("ffn_gate", zeros_in), ("ffn_up", zeros_in), ("ffn_down", zeros_out)):
             f16 = gguf.GGMLQuantizationType.F16
-            tensors.append(Tensor(f"blk.{b}.{name}.weight", zeros.shape, zeros.dtype, zeros.nbytes, f16, lambda: zeros))
+            tensors.append(
+                Tensor(f"blk.{b}.{name}.weight", zeros.shape, zeros.dtype, zeros.nbytes, f16, lambda: zeros, zeros.size)
+            )
 
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, t.dtype, t.nbytes, t.ggml_type)
@@ -218,25 +226,15 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
     return {"architecture": target, "tensors": len(tensors), "dtype": "as stored: " + ", ".join(types), **layers}
 
 
-def _head_dim(reader, arch: str) -> int:
-    key = value(reader, f"{arch}.attention.key_length")
-    if key:
-        return key
-    heads = per_layer(reader, arch, "attention.head_count", value(reader, f"{arch}.block_count"))
-    return value(reader, f"{arch}.embedding_length") // next(h for h in heads if h)
-
-
 def check_written(path: Path, expected: dict) -> None:
     """Read the written file back: the tensors and per-layer counts it holds are the ones meant."""
-    reader = read_source(path)
-    arch = value(reader, "general.architecture")
-    n = value(reader, f"{arch}.block_count")
-    if arch != expected["architecture"] or len(reader.tensors) != expected["tensors"]:
+    written = Source.from_file(path)
+    if written.arch != expected["architecture"] or len(written.tensors) != expected["tensors"]:
         raise LlmdropError(f"export refused: {path.name} does not read back as written (please report this bug)")
     for key in ("attention.head_count", "attention.head_count_kv", "feed_forward_length"):
-        if per_layer(reader, arch, key, n) != expected[key]:
+        if written.per_layer(key) != expected[key]:
             raise LlmdropError(f"export refused: {path.name}'s {key} does not read back as written")
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in written.tensors}
     for b, heads in enumerate(expected["attention.head_count"]):
         if heads and f"blk.{b}.attn_q.weight" not in names:
             raise LlmdropError(f"export refused: {path.name} lacks layer {b}'s attention")

@@ -38,30 +38,27 @@ class GGUFShape:
     """A GGUF file's shape, for the bounds: per-layer head counts and MLP widths, stored tensor bytes."""
 
     def __init__(self, path: Path):
-        from llmdrop.formats.gguf_export import per_layer, read_source, value
+        from llmdrop.formats.gguf_export import Source
 
-        reader = read_source(path)
-        arch = value(reader, "general.architecture")
-        n = value(reader, f"{arch}.block_count")
-        self.num_layers = n
-        self.heads = per_layer(reader, arch, "attention.head_count", n)
-        kv = per_layer(reader, arch, "attention.head_count_kv", n)
-        self.kv_heads = self.heads if kv[0] is None else kv
+        source = Source.from_file(path)
+        self.num_layers = source.num_layers
+        self.heads, self.kv_heads, self.head_dim = (
+            source.per_layer("attention.head_count"),
+            source.kv_heads(),
+            source.head_dim(),
+        )
         self.attention_layers = sum(1 for h in self.heads if h)
-        embd = value(reader, f"{arch}.embedding_length")
-        first = next(h for h in self.heads if h)
-        self.head_dim = value(reader, f"{arch}.attention.key_length") or embd // first
-        tensors = {t.name: t for t in reader.tensors}
-        self.vocab_size = int(tensors["token_embd.weight"].shape[-1])
-        embedding = int(tensors["token_embd.weight"].n_bytes)
-        total = sum(int(t.n_bytes) for t in reader.tensors)
+        embd = source.value(f"{source.arch}.embedding_length")
+        tensors = {t.name: t for t in source.tensors}
+        self.vocab_size = tensors["token_embd.weight"].elements // embd
+        total = sum(t.nbytes for t in source.tensors)
         # tied: the embedding table is the output layer too, read whole every step
-        self.weight_bytes = total if "output.weight" not in tensors else total - embedding
+        self.weight_bytes = total if "output.weight" not in tensors else total - tensors["token_embd.weight"].nbytes
         self.matrix_elems = sum(
-            int(t.n_elements) for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) >= 2
+            t.elements for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) >= 2
         )
         self.lm_head_elems = self.vocab_size * embd
-        self.dtype = "gguf: " + ", ".join(sorted({t.tensor_type.name for t in reader.tensors}))
+        self.dtype = "gguf: " + ", ".join(sorted({t.ggml_type.name for t in source.tensors}))
 
     def kv_bytes_per_token(self) -> int:
         return sum(2 * k * self.head_dim * KV_CACHE_BYTES for k in self.kv_heads)
