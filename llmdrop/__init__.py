@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "score": "api",
     "drop": "api",
+    "auto": "api",
     "evaluate": "api",
     "bench": "api",
     "attnmap": "api",

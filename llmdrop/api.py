@@ -402,6 +402,117 @@ def _perplexity(model, text, seq_len, samples, seed, batch_size, progress) -> di
     }
 
 
+def auto(
+    model: ModelArg = None,
+    out: str | None = None,
+    *,
+    speedup: float | str | None = None,
+    max_loss_increase: float | str | None = None,
+    kv_cache: float | str | None = None,
+    engine: str = "transformers",
+    workload: str | None = None,
+    calib: str = "self",
+    seq_len: int = 256,
+    search_rows: int = 8,
+    verify_rows: int = 6,
+    test_rows: int = 4,
+    candidates: int = 16,
+    verify: int = 6,
+    refine: int = 24,
+    bench_plans: int = 6,
+    bench_repeats: int = 3,
+    eval_texts: list[str] = (),
+    seed: int = 0,
+    remeasure: bool = False,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    say=print,
+) -> dict:
+    """`llmdrop auto`: the plan that meets one target (``speedup``: at least this many times faster on ``engine``
+    for ``workload``; ``kv_cache``: at most this fraction of the KV cache; ``max_loss_increase``: at most this
+    perplexity increase, "10%" or 0.1) and is best at the other, found by measuring (``llmdrop.auto``), then
+    exported to ``out`` in the engine's format with the report beside it (auto.json, auto.md, auto.png).
+    ``dry_run`` stops before exporting. A target that cannot be met is an error, and nothing is written."""
+    from llmdrop.auto import run as auto_run
+    from llmdrop.auto.costs import Workload, check_engine
+    from llmdrop.auto.search import Target
+
+    target = Target.parse(speedup=speedup, max_loss_increase=max_loss_increase, kv_cache=kv_cache)
+    work = Workload.parse(workload)
+    check_engine(engine, work)
+    splits = {"search": search_rows, "verify": verify_rows, "test": test_rows}
+    auto_run.check_settings(
+        splits,
+        candidates=candidates,
+        verify=verify,
+        refine=refine,
+        bench_plans=bench_plans,
+        bench_repeats=bench_repeats,
+        seq_len=seq_len,
+    )
+    if not dry_run:
+        if not out:
+            raise LlmdropError("give an output directory (-o OUT), or --dry-run")
+        calib_input = None if calib == "self" or str(calib).startswith("hf:") else calib
+        check_output_dir(out, overwrite, inputs=[model_input(model), calib_input, *eval_texts])
+    for path in eval_texts:
+        load_texts(path)  # a bad file fails before the model loads
+    config = _config_of(model)
+    check_request(
+        DropRequest(attn=1, fmt=auto_run.EXPORT_FORMATS.get(engine, "nemotron-nas")),
+        gguf_file=_gguf_file_of(model),
+        config=config,
+        stream=False,
+    )
+    loaded = as_loaded(model)
+    gguf_file = _gguf_file_of(model)
+    gguf_path = Path(resolve_source(*source_of(model))[0]) / gguf_file if gguf_file else None
+    report = auto_run.run(
+        loaded,
+        gguf_path,
+        target,
+        engine=engine,
+        workload=work,
+        calib=calib,
+        seq_len=seq_len,
+        splits=splits,
+        candidates=candidates,
+        verify=verify,
+        refine=refine,
+        bench_plans=bench_plans,
+        bench_repeats=bench_repeats,
+        eval_texts=list(eval_texts),
+        remeasure=remeasure,
+        seed=seed,
+        progress=progress,
+        say=say,
+    )
+    for line in auto_run.summary_lines(report):
+        say(line)
+    if not report["met"]:
+        best = report.get("best_found")
+        found = f"the best plan found was {best['plan']}" if best else "no plan the search verified met it"
+        raise LlmdropError(f"target not met ({target.describe()}): {found}; nothing written")
+    if dry_run:
+        return report
+    chosen = report["chosen"]
+    lists = chosen["lists"]
+    del loaded  # the export loads the source again, as `llmdrop drop` does
+    drop(
+        model,
+        out,
+        block_layers=lists["blocks"] or None,
+        attn_layers=lists["attn"] or None,
+        mlp_layers=lists["mlp"] or None,
+        fmt=chosen["format"],
+        overwrite=overwrite,
+        progress=progress,
+    )
+    auto_run.write_report(report, Path(out))
+    return report
+
+
 # The verbs of the other stages and of the analysis commands, so that every CLI verb is found here (imported last:
 # some of those modules use the helpers above).
 from llmdrop.analysis.act import act_apply, act_eval, act_search  # noqa: E402, F401

@@ -3,7 +3,7 @@ stderr (traceback with --debug)."""
 
 # isort: off
 # the order --help lists the verbs in: each module registers its verbs on `app` when imported
-from . import drop, checkpoints, serving, attend, analysis  # noqa: F401
+from . import drop, auto, checkpoints, serving, attend, analysis  # noqa: F401
 from .common import app
 
 # isort: on
