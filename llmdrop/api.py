@@ -493,6 +493,12 @@ def auto(
     if not report["met"]:
         best = report.get("best_found")
         found = f"the best plan found was {best['plan']}" if best else "no plan the search verified met it"
+        confirmed = [r for r in report["plans"] if "confirmed_speedup" in r]
+        if confirmed:
+            found = "; ".join(
+                f"{r['plan']} measured {r['measured_speedup']:.3f}x, then {r['confirmed_speedup']:.3f}x"
+                for r in confirmed
+            )
         raise LlmdropError(f"target not met ({target.describe()}): {found}; nothing written")
     if dry_run:
         return report

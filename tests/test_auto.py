@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from llmdrop.auto import costs as auto_costs
 from llmdrop.auto.costs import CostModel, Workload, fit, variant_plans
 from llmdrop.auto.knapsack import OPTIONS, Plan, best_per_count, runs
-from llmdrop.auto.search import Quality, Target, neighbours, search, split_rows
+from llmdrop.auto.search import Quality, Search, Target, neighbours, split_rows
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
 
@@ -190,13 +190,15 @@ def test_verification_never_reuses_search_rows(monkeypatch, tiny_tokenizer):
         select, "calibration_loss", lambda m, t, b=1: seen.append({tuple(r.tolist()) for r in t}) or real(m, t, b)
     )
     quality = Quality(loaded, rows)
-    result = search(loaded, quality, cost_model(num_layers=6), Target("speedup", 1.05), candidates=3, progress=False)
+    found = Search(loaded, quality, cost_model(num_layers=6), candidates=3, progress=False)
+    best = found.round(Target("speedup", 1.05))
+    found.round(Target("speedup", 1.1))  # a second round (a corrected speed target) verifies on the same rows
     split_of = {s: {tuple(r.tolist()) for r in rows[s]} for s in rows}
     kinds = [next(s for s in split_of if used == split_of[s]) for used in seen]
     first_verify = kinds.index("verify")
     assert set(kinds[:first_verify]) == {"search"} and set(kinds[first_verify:]) == {"verify"}
-    assert len(result.deltas) == kinds.count("search") - 1  # one base loss, one per candidate option
-    assert len(result.verified) == kinds.count("verify") - 1 and result.best is not None
+    assert len(found.deltas) == kinds.count("search") - 1  # one base loss, one per candidate option
+    assert len(found.verified) == kinds.count("verify") - 1 and best is not None
     assert quality.forward_passes == 4 * (1 + kinds.count("search")) + 4 * kinds.count("verify")  # + the cosine prior
 
 
@@ -236,6 +238,7 @@ def test_auto_exports_a_plan_that_meets_a_kv_target_and_reloads(tiny_checkpoint,
     report = json.loads((out / "auto.json").read_text())
     chosen = report["chosen"]
     assert chosen["kv_cache_fraction"] <= 0.5 and report["met"] and not report["speed_measured"]
+    assert chosen["confirmed_speedup"] == pytest.approx(chosen["measured_speedup"])  # the bound: the same twice
     assert chosen["test_perplexity"]["plan"] > 0 and chosen["format"] in ("nemotron-nas", "auto")
     assert (out / "auto.png").stat().st_size > 10_000 and chosen["plan"] in (out / "auto.md").read_text()
     assert report["search_cost"]["forward_passes"] > 0 and report["search_cost"]["seconds"]["total"] > 0
@@ -262,6 +265,37 @@ def test_a_loss_target_gets_the_fastest_verified_plan_within_it(tiny_checkpoint)
     assert chosen["verified_loss_increase"] <= budget
     within = [p for p in report["plans"] if p["verified_loss_increase"] <= budget and "measured_speedup" in p]
     assert chosen["measured_speedup"] == max(p["measured_speedup"] for p in within)
+
+
+def test_a_speed_shortfall_corrects_the_cost_models_target():
+    from llmdrop.auto.run import corrected
+    from llmdrop.auto.search import Verified
+
+    costs = cost_model()  # a block saves 4% of the time
+    plans = [Plan(frozenset({("block", i) for i in range(1, k + 1)})) for k in (3, 4, 5)]
+    predicted = [costs.speedup(p.counts) for p in plans]
+    # the engine delivered half of every predicted saving: for 1.1x, ask the cost model for 1/(1-2(1-1/1.1))
+    half = [Verified(p, 0.1, 0.1, "knapsack", measured=1 / (1 - (1 - 1 / s) / 2)) for p, s in zip(plans, predicted)]
+    goal = corrected(Target("speedup", 1.1), Target("speedup", 1.1), half, costs)
+    assert goal.value == pytest.approx(1 / (1 - 2 * (1 - 1 / 1.1)))
+    assert corrected(Target("speedup", 1.1), goal, half, costs) is None  # asked for already: no progress
+    full = [Verified(p, 0.1, 0.1, "knapsack", measured=s) for p, s in zip(plans, predicted)]
+    assert corrected(Target("speedup", 1.1), Target("speedup", 1.1), full, costs) is None  # not the model's fault
+    assert corrected(Target("speedup", 3.0), Target("speedup", 3.0), half, costs) is None  # beyond any plan
+
+
+def test_plans_are_ranked_by_what_the_target_leaves_open():
+    from llmdrop.auto.run import ranked
+
+    table = [
+        {"measured_speedup": 1.31, "verified_loss_increase": 0.30, "kv_cache_fraction": 0.7},
+        {"measured_speedup": 1.29, "verified_loss_increase": 0.10, "kv_cache_fraction": 0.6},
+        {"verified_loss_increase": 0.01, "kv_cache_fraction": 0.5},  # speed not measured: never chosen
+        {"measured_speedup": 1.40, "verified_loss_increase": 0.20, "kv_cache_fraction": 0.5},
+    ]
+    assert ranked(table, Target("speedup", 1.3)) == [3, 0]  # measured fast enough, least loss first
+    assert ranked(table, Target("kv", 0.6)) == [1, 3]
+    assert ranked(table, Target("loss", 0.25)) == [3, 1]  # within exp(0.25) - 1, fastest first (ln 1.25 = 0.223)
 
 
 def test_a_target_that_cannot_be_met_writes_nothing(tiny_checkpoint, tmp_path):

@@ -143,14 +143,17 @@ class Meter:
         self.analytic = not engine_available(engine)
         self.unit = "bytes read per decode step (analytic bound)" if self.analytic else "seconds per request"
 
-    def measure(self, plans: dict[str, DropPlan], *, progress: bool = True) -> tuple[dict[str, float], dict | None]:
+    def measure(
+        self, plans: dict[str, DropPlan], *, repeats: int | None = None, progress: bool = True
+    ) -> tuple[dict[str, float], dict | None]:
         """{name: the workload's median time (or bound)}, and the bench report (None for the analytic bound)."""
+        repeats = repeats or self.repeats
         with tempfile.TemporaryDirectory(prefix="llmdrop-auto-") as tmp:
             if self.engine == "llama.cpp":
-                return self._llamacpp(plans, Path(tmp), progress)
-            return self._random_weights(plans, Path(tmp), progress)
+                return self._llamacpp(plans, Path(tmp), repeats, progress)
+            return self._random_weights(plans, Path(tmp), repeats, progress)
 
-    def _bench(self, models: list[str], random_weights: str | None, progress: bool) -> dict:
+    def _bench(self, models: list[str], random_weights: str | None, repeats: int, progress: bool) -> dict:
         from llmdrop.serving.benchmark import bench
 
         w = self.workload
@@ -160,14 +163,14 @@ class Meter:
             prompt_lens=(w.prefill,),
             gen_len=w.decode,
             batch_sizes=(w.batch,),
-            repeats=self.repeats,
+            repeats=repeats,
             warmup=self.warmup,
             memory=False,
             engine=self.engine,
             progress=progress,
         )
 
-    def _llamacpp(self, plans, tmp: Path, progress):
+    def _llamacpp(self, plans, tmp: Path, repeats: int, progress):
         from llmdrop.formats.gguf_export import Source, write_gguf
         from llmdrop.serving.speed_llamacpp import GGUFShape
 
@@ -184,10 +187,10 @@ class Meter:
         if self.analytic:
             w = self.workload
             return {n: GGUFShape(p).decode_bytes_per_step(w.prefill, w.decode, 1) for n, p in paths.items()}, None
-        report = self._bench([str(p) for p in paths.values()], None, progress)
+        report = self._bench([str(p) for p in paths.values()], None, repeats, progress)
         return dict(zip(plans, _medians(report).values())), report
 
-    def _random_weights(self, plans, tmp: Path, progress):
+    def _random_weights(self, plans, tmp: Path, repeats: int, progress):
         config = tmp / "config.json"
         self.loaded.model.config.to_json_file(config)
         variants = {name: variant_of(plan) for name, plan in plans.items()}
@@ -201,7 +204,7 @@ class Meter:
                 )
                 for name, v in variants.items()
             }, None
-        report = self._bench(list(variants.values()), str(config), progress)
+        report = self._bench(list(variants.values()), str(config), repeats, progress)
         return dict(zip(plans, _medians(report).values())), report
 
 

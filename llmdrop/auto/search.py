@@ -13,7 +13,7 @@
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -147,10 +147,12 @@ class Verified:
     predicted: float  # the sum of single-part losses
     delta: float  # measured on the verify rows
     found_by: str
+    measured: float | None = None  # speedup measured on the engine, side by side with the source
+    confirmed: float | None = None  # measured again, alone with the source and twice as long
 
     def row(self, costs) -> dict:
         counts = self.plan.counts
-        return {
+        row = {
             "plan": self.plan.label(),
             "lists": self.plan.lists(),
             "attention_sublayers_dropped": counts[0] + counts[2],
@@ -163,16 +165,10 @@ class Verified:
             "kv_cache_fraction": round(costs.kv_fraction(counts), 6),
             "found_by": self.found_by,
         }
-
-
-@dataclass
-class SearchResult:
-    deltas: dict  # (kind, layer) -> single-part loss increase on the search rows
-    importance: dict
-    verified: list[Verified]
-    best: Verified | None
-    seconds: dict = field(default_factory=dict)
-    refinement: list = field(default_factory=list)
+        for key, value in (("measured_speedup", self.measured), ("confirmed_speedup", self.confirmed)):
+            if value is not None:
+                row[key] = round(value, 6)
+        return row
 
 
 def candidate_options(importance: dict, num_layers: int, candidates: int) -> list[tuple[str, int]]:
@@ -185,52 +181,54 @@ def candidate_options(importance: dict, num_layers: int, candidates: int) -> lis
     return out
 
 
-def search(
-    loaded,
-    quality: Quality,
-    costs,
-    target: Target,
-    *,
-    candidates: int = 16,
-    verify: int = 6,
-    refine: int = 24,
-    progress: bool = True,
-) -> SearchResult:
-    from tqdm.auto import tqdm
+class Search:
+    """One search: the single-part losses (measured once, on the search rows) and every plan verified so far (on the
+    verify rows); ``round`` proposes, verifies and refines for a target, and may be called again with a corrected
+    one."""
 
-    from llmdrop.passes.scoring import compute_importance
+    def __init__(self, loaded, quality: Quality, costs, *, candidates: int = 16, progress: bool = True):
+        from tqdm.auto import tqdm
 
-    n, seconds = loaded.num_layers, {}
-    start = time.perf_counter()
-    importance = compute_importance(loaded.model, loaded.adapter, quality.rows["search"], progress=False)
-    quality.forward_passes += len(quality.rows["search"])
-    seconds["cosine prior"] = time.perf_counter() - start
+        from llmdrop.passes.scoring import compute_importance
 
-    start = time.perf_counter()
-    options = candidate_options(importance, n, candidates)
-    deltas = {}
-    for option in tqdm(options, desc="single-part losses", disable=not progress):
-        deltas[option] = quality.delta(Plan(frozenset([option])), "search")
-    seconds["single-part losses"] = time.perf_counter() - start
+        self.quality, self.costs, self.num_layers = quality, costs, loaded.num_layers
+        self.seconds, self.refinement = {}, []
+        self.verified: dict[Plan, Verified] = {}
+        start = time.perf_counter()
+        self.importance = compute_importance(loaded.model, loaded.adapter, quality.rows["search"], progress=False)
+        quality.forward_passes += len(quality.rows["search"])
+        self.seconds["cosine prior"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    table = best_per_count(deltas, n)
-    verified: dict[Plan, Verified] = {}
+        start = time.perf_counter()
+        self.deltas = {}
+        for option in tqdm(
+            candidate_options(self.importance, self.num_layers, candidates),
+            disable=not progress,
+            desc="single-part losses",
+        ):
+            self.deltas[option] = quality.delta(Plan(frozenset([option])), "search")
+        self.seconds["single-part losses"] = time.perf_counter() - start
+        self.table = best_per_count(self.deltas, self.num_layers)
 
-    def check(plan: Plan, found_by: str) -> Verified:
-        if plan not in verified:
-            verified[plan] = Verified(plan, predicted_loss(plan, deltas), quality.delta(plan, "verify"), found_by)
-        return verified[plan]
+    def check(self, plan: Plan, found_by: str) -> Verified:
+        if plan not in self.verified:
+            delta = self.quality.delta(plan, "verify")
+            self.verified[plan] = Verified(plan, predicted_loss(plan, self.deltas), delta, found_by)
+        return self.verified[plan]
 
-    for plan in proposals(table, costs, target, verified, verify):
-        check(plan, "knapsack")
-    seconds["verification"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    steps = refine_plan(verified, deltas, costs, target, check, refine, n)
-    seconds["refinement"] = time.perf_counter() - start
-    best = incumbent(verified.values(), costs, target)
-    return SearchResult(deltas, importance, list(verified.values()), best, seconds, steps)
+    def round(self, target: "Target", *, verify: int = 6, refine: int = 24) -> Verified | None:
+        """Verify the best ``verify`` diverse plans of the exact additive optimum that meet ``target``, refine the best;
+        returns the best verified plan for ``target``."""
+        start = time.perf_counter()
+        for plan in proposals(self.table, self.costs, target, self.verified, verify):
+            self.check(plan, "knapsack")
+        self.seconds["verification"] = self.seconds.get("verification", 0) + time.perf_counter() - start
+        start = time.perf_counter()
+        self.refinement += refine_plan(
+            self.verified, self.deltas, self.costs, target, self.check, refine, self.num_layers
+        )
+        self.seconds["refinement"] = self.seconds.get("refinement", 0) + time.perf_counter() - start
+        return incumbent(self.verified.values(), self.costs, target)
 
 
 def proposals(table: dict, costs, target: Target, verified: dict, count: int):
