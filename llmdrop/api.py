@@ -420,7 +420,7 @@ def auto(
     verify: int = 6,
     refine: int = 24,
     bench_plans: int = 6,
-    bench_repeats: int = 3,
+    bench_repeats: int = 5,
     eval_texts: list[str] = (),
     seed: int = 0,
     remeasure: bool = False,

@@ -267,6 +267,22 @@ def test_a_loss_target_gets_the_fastest_verified_plan_within_it(tiny_checkpoint)
     assert chosen["measured_speedup"] == max(p["measured_speedup"] for p in within)
 
 
+def test_cosine_plans_of_one_kind_are_verified_beside_the_search():
+    from llmdrop.auto.search import cosine_plans
+
+    importance = {k: [0.9, 0.5, 0.1, 0.3, 0.2, 0.4] for k in OPTIONS}
+    deltas = {(k, i): 0.1 for k in OPTIONS for i in range(1, 6)}
+    costs = cost_model(num_layers=6)  # attention 1%, MLP 2%, block 4% of the time
+    plans = cosine_plans(importance, deltas, costs, Target("speedup", 1.035))
+    # the least N of each kind that reaches 1.035x (a saving of 3.4%), lowest importance first: 2, 4, 3, 5, 1
+    assert [p.lists() for p in plans] == [
+        {"blocks": [], "attn": [2, 3, 4, 5], "mlp": []},  # 4 x 1%
+        {"blocks": [], "attn": [], "mlp": [2, 4]},  # 2 x 2%
+        {"blocks": [2], "attn": [], "mlp": []},  # 4%
+    ]
+    assert cosine_plans(importance, deltas, costs, Target("loss", 0.1)) == []
+
+
 def test_a_speed_shortfall_corrects_the_cost_models_target():
     from llmdrop.auto.run import corrected
     from llmdrop.auto.search import Verified

@@ -220,6 +220,8 @@ class Search:
         """Verify the best ``verify`` diverse plans of the exact additive optimum that meet ``target``, refine the best;
         returns the best verified plan for ``target``."""
         start = time.perf_counter()
+        for plan in cosine_plans(self.importance, self.deltas, self.costs, target):
+            self.check(plan, "cosine")
         for plan in proposals(self.table, self.costs, target, self.verified, verify):
             self.check(plan, "knapsack")
         self.seconds["verification"] = self.seconds.get("verification", 0) + time.perf_counter() - start
@@ -229,6 +231,23 @@ class Search:
         )
         self.seconds["refinement"] = self.seconds.get("refinement", 0) + time.perf_counter() - start
         return incumbent(self.verified.values(), self.costs, target)
+
+
+def cosine_plans(importance: dict, deltas: dict, costs, target: Target) -> list[Plan]:
+    """What `llmdrop drop --attn/--mlp/--blocks N` would drop (the N lowest by cosine importance) for the least N that
+    meets a speed / KV target by the cost model: verified beside the search's own plans, so that the result is never
+    worse on the verify rows than the one-kind cosine plan of the same speed. None for a loss target."""
+    if target.kind == "loss":
+        return []
+    out = []
+    for kind in OPTIONS:
+        ranked = sorted((o for o in deltas if o[0] == kind), key=lambda o: (importance[kind][o[1]], o[1]))
+        for count in range(1, len(ranked) + 1):
+            plan = Plan(frozenset(ranked[:count]))
+            if target.cost_ok(costs, plan.counts):
+                out.append(plan)
+                break
+    return out
 
 
 def proposals(table: dict, costs, target: Target, verified: dict, count: int):

@@ -71,7 +71,7 @@ def auto_cmd(
     verify: Annotated[int, typer.Option(help="Plans from the exact additive optimum to verify.")] = 6,
     refine: Annotated[int, typer.Option(help="Verifications the local refinement may spend (0: none).")] = 24,
     bench_plans: Annotated[int, typer.Option(help="Verified plans whose speed is measured on the engine.")] = 6,
-    bench_repeats: Annotated[int, typer.Option(help="Timed runs per model in every engine measurement.")] = 3,
+    bench_repeats: Annotated[int, typer.Option(help="Timed runs per model in every engine measurement.")] = 5,
     eval_text: Annotated[
         Optional[list[str]],
         typer.Option(
