@@ -15,7 +15,8 @@ from llmdrop.files import DATA_DIR, JSON, check_output_dir, check_outputs, check
 from llmdrop.formats.export import export
 from llmdrop.formats.exporters import check_request
 from llmdrop.passes.runner import is_streamed
-from llmdrop.passes.scoring import Scores
+from llmdrop.passes.scoring import Scores, check_metric
+from llmdrop.passes.scoring import needs_tokens as metric_needs_tokens
 from llmdrop.planning.compensate import check_supported, compensate_linear, stored_replacements
 from llmdrop.planning.plan import DropPlan
 from llmdrop.planning.selectors import selector
@@ -65,6 +66,9 @@ def score(
 ) -> Scores:
     """Importance of every attention sublayer, MLP sublayer and block of ``model`` (lower = more redundant).
 
+    ``metric="gate-norm"`` scores attention sublayers only, from their query and key weights (no calibration tokens
+    are made and ``calib`` is not read; with ``stream`` only those tensors are read from the safetensors files).
+
     ``stream``: one decoder layer at a time from the safetensors files (``llmdrop.source.streaming``), for models larger
     than memory. Under torchrun every rank scores its share of the batches; rank 0 alone writes ``out`` / ``plot``.
     ``device_map`` (e.g. ``"auto"``): one model in memory spread over several GPUs by accelerate.
@@ -72,6 +76,8 @@ def score(
     """
     from llmdrop.passes.distributed import device_for_rank, is_main, setup
 
+    check_metric(metric)
+    data_free = not metric_needs_tokens(metric)
     calib = CalibSpec.of(calib)
     check_sizes(batch_size=batch_size)
     check_outputs(
@@ -79,7 +85,12 @@ def score(
         overwrite=overwrite,
         inputs=[model_input(model), calib.input],
     )
-    calib = calib.fitted(_config_of(model))
+    config = _config_of(model)
+    if data_free:
+        from llmdrop.passes.gatenorm import check
+
+        check(config)  # a GGUF or Hub source tells once loaded
+    calib = calib.fitted(config)
     model = _with_device_map(model, device_map, stream)
     setup()  # joins torchrun's process group, if launched by it
     if not isinstance(model, LoadedModel) and not device_map:  # under torchrun: this rank's own GPU
@@ -87,15 +98,15 @@ def score(
     if stream:
         from llmdrop.source.streaming import check_streamable, load_skeleton
 
-        loaded = load_skeleton(check_streamable(model, calib))
-        tokens = calib.fitted(loaded.model.config).tokens(loaded.tokenizer)
+        loaded = load_skeleton(check_streamable(model, None if data_free else calib))
+        tokens = None if data_free else calib.fitted(loaded.model.config).tokens(loaded.tokenizer)
     else:
         loaded = as_loaded(model)
-        tokens = calib.tokens(loaded.tokenizer, loaded.model)
+        tokens = None if data_free else calib.tokens(loaded.tokenizer, loaded.model)
     from llmdrop.passes.scoring import importance
 
     imp = importance(loaded, tokens, metric=metric, batch_size=batch_size, progress=progress)
-    scores = Scores(loaded.source, loaded.num_layers, metric, calib.record(tokens), imp)
+    scores = Scores(loaded.source, loaded.num_layers, metric, _calib_record(calib, tokens), imp)
     if not is_main():
         return scores
     if out:
@@ -105,6 +116,11 @@ def score(
 
         plot_scores(scores, plot)
     return scores
+
+
+def _calib_record(calib: CalibSpec, tokens) -> dict | None:
+    """What the scores and llmdrop.json keep about the calibration (None: none was used, a data-free metric)."""
+    return calib.record(tokens) if tokens is not None else None
 
 
 def _config_of(model: ModelArg) -> dict:
@@ -222,13 +238,21 @@ def drop(
     weights_change = bool(request.compensate and not stream) or request.selector == "iterative"
     if request.max_shard_size is not None:
         _check_shard_size(model, stream=stream, in_memory=weights_change)
+    # a data-free metric (gate-norm) scores from the weights: no calibration tokens, and from a safetensors source
+    # the weights it reads are read alone (a skeleton, as when streaming)
+    data_free = (
+        chooser is not None and chooser.needs_cosine and scores is None and not metric_needs_tokens(request.metric)
+    )
     needs_tokens = bool(request.compensate) or (
-        chooser is not None and (chooser.needs_tokens or (chooser.needs_cosine and scores is None))
+        chooser is not None and (chooser.needs_tokens or (chooser.needs_cosine and scores is None and not data_free))
     )
 
     # 2. load: a skeleton when streaming (or when only files are needed), else the model in memory
     loaded = _load_for_drop(
-        model, stream=stream, calib=calib if needs_tokens else None, whole=bool(request.counted or request.compensate)
+        model,
+        stream=stream,
+        calib=calib if needs_tokens else None,
+        whole=bool(request.compensate or (request.counted and not data_free)),
     )
     calib = calib.fitted(loaded.model.config)
     request.check_source(loaded.model.config, scores)  # GGUF and Hub sources: now, before any pass
@@ -269,7 +293,7 @@ def drop(
         overwrite=overwrite,
         fmt=request.fmt,
         scores=scores,
-        calibration=scores.calibration if scores else (calib.record(tokens) if tokens is not None else None),
+        calibration=scores.calibration if scores else _calib_record(calib, tokens),
         extra=extra,
         max_shard_size=request.max_shard_size,
         replacements=stored_replacements(loaded.adapter, folds) if folds and is_streamed(loaded) else None,
@@ -306,11 +330,11 @@ def _choose(chooser, loaded: LoadedModel, tokens, request: DropRequest, scores, 
     start, absent = time.perf_counter(), absent_parts(loaded.model.config)
     if chooser.needs_cosine and scores is None:
         imp = importance(loaded, tokens, metric=request.metric, batch_size=request.batch_size, progress=progress)
-        scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens), imp)
+        scores = Scores(loaded.source, loaded.num_layers, request.metric, _calib_record(calib, tokens), imp)
     masked = mask_absent(scores.importance, absent) if scores else None  # scores of an older llmdrop gave them 0
     plan, record, own = chooser.choose(loaded, tokens, masked, request, absent=absent, progress=progress)
     if own is not None:
-        scores = Scores(loaded.source, loaded.num_layers, request.metric, calib.record(tokens), own)
+        scores = Scores(loaded.source, loaded.num_layers, request.metric, _calib_record(calib, tokens), own)
     if isinstance(record, dict):
         record["seconds_total"] = round(time.perf_counter() - start, 3)  # calibration and scoring too
     return plan, record, scores

@@ -81,11 +81,14 @@ class DropRequest:
         """Everything that needs no model, in the order a user meets it (the selector's own checks are
         ``selectors.Selector.check``)."""
         from llmdrop.formats.exporters import check_format_name
+        from llmdrop.passes.scoring import check_metric
         from llmdrop.planning.compensate import check_method
         from llmdrop.source.calibration import check_sizes
 
         check_sizes(batch_size=self.batch_size)
         check_format_name(self.fmt)
+        check_metric(self.metric)
+        self._check_ranking(self.metric, f"--metric {self.metric}")
         for text in self.lists:
             if isinstance(text, str):
                 parse_layers(text)  # syntax errors first; ranges need the layer count
@@ -109,12 +112,42 @@ class DropRequest:
 
             parse_shard_size(self.max_shard_size)
 
+    def _check_ranking(self, metric: str, label: str) -> None:
+        """A data-free metric (gate-norm) ranks attention sublayers only, once: refuse counts of other parts and the
+        selectors that re-score or search. ``label`` names what gave the metric (the option, or a scores file)."""
+        from llmdrop.passes.scoring import needs_tokens, scored_kinds
+
+        if needs_tokens(metric) or not self.counted:
+            return
+        why = f"{label} ranks attention sublayers only, once, from the weights"
+        if self.selector != "cosine":
+            how = "--iterative" if self.selector == "iterative" else f"--select {self.selector}"
+            raise LlmdropError(f"{why}: count them with --attn N and --select cosine (the default), not {how}")
+        kinds = scored_kinds(metric)
+        for option, count, kind in (
+            ("--blocks", self.blocks, "block"),
+            ("--mlp", self.mlp, "mlp"),
+            ("--joint", self.joint, "mlp"),
+        ):
+            if count and kind not in kinds:
+                raise LlmdropError(
+                    f"{why}: {option} N needs cosine or angular scores (count attention with --attn N, or score "
+                    "with --metric cosine)"
+                )
+
     def check_source(self, config, scores=None) -> None:
         """What the source's config (a loaded config, or config.json as a dict; {} when not known yet) refuses: the
-        layer count, parts an export no longer has, and an explicit --format it rules out."""
+        layer count, parts an export no longer has, an explicit --format it rules out, and a metric that cannot
+        score it."""
         from llmdrop.formats.exporters import check_format_for_source
         from llmdrop.source.arch import absent_parts
 
+        if scores is not None:
+            self._check_ranking(scores.metric, f"a {scores.metric} scores file")
+        elif self.counted and self.metric == "gate-norm":
+            from llmdrop.passes.gatenorm import check
+
+            check(config)
         get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
         n = get("num_hidden_layers") if config else None
         if isinstance(n, int):

@@ -53,7 +53,13 @@ SeqLen = Annotated[
     typer.Option("--seq-len", help="Tokens per block [default: 256 for self, 2048 otherwise].", show_default=False),
 ]
 Seed = Annotated[int, typer.Option(help="Seed for sampling and block selection.")]
-Metric = Annotated[str, typer.Option(help="cosine (1 - cos) or angular (arccos(cos) / pi).")]
+Metric = Annotated[
+    str,
+    typer.Option(
+        help="cosine (1 - cos) or angular (arccos(cos) / pi) on calibration text, or gate-norm: attention sublayers "
+        "only, from their query-key weights (no calibration text, no forward pass; see docs/selection.md)."
+    ),
+]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")]
 Stream = Annotated[
     bool,

@@ -249,8 +249,14 @@ def model_card(
             f"# {name} with layers dropped by llmdrop",
             "",
             f"This checkpoint is {link} with redundant parts removed by "
-            "[llmdrop](https://github.com/llmdrop/llmdrop): the parts whose output barely changes the residual "
-            "stream (cosine similarity of the hidden states before and after them, on calibration text).",
+            "[llmdrop](https://github.com/llmdrop/llmdrop): "
+            + (
+                "the attention sublayers whose queries and keys are least coupled, read from the weights alone "
+                "(gate-norm; no calibration text)."
+                if (record.get("scores") or {}).get("metric") == "gate-norm"
+                else "the parts whose output barely changes the residual stream (cosine similarity of the hidden "
+                "states before and after them, on calibration text)."
+            ),
             "",
             "| removed | source layers (0-based) |",
             "|---|---|",
@@ -291,7 +297,11 @@ def model_card(
             "",
             f"![Importance of every attention sublayer, MLP sublayer and block]({plot})",
             "",
-            f"Importance per layer: {measure} of the residual stream before and after each part "
+            "Importance per attention sublayer: its query-key coupling read from the weights alone (gate-norm: "
+            "the mean over heads of the Frobenius norm of the scaled W_q^T W_k, with the pre-norm's scale; lower = "
+            "more redundant)."
+            if metric == "gate-norm"
+            else f"Importance per layer: {measure} of the residual stream before and after each part "
             "(lower = more redundant).",
         ]
     lines.append("")

@@ -3,6 +3,8 @@
 importance = 1 - mean cosine similarity between the residual stream before a part and right after its
 residual add (per token, over the hidden dimension, mean over all tokens). Low importance = the part
 barely changes the residual stream = redundant. ``metric="angular"`` uses arccos(cos)/pi instead.
+``metric="gate-norm"`` needs no calibration data and no pass at all: attention sublayers only, from their query and
+key weights (``gatenorm.py``); its importance has no "mlp" or "block" entry.
 
 Three hooks per layer see three residual-stream states: the layer input (h0), the input of the MLP's
 pre-norm, i.e. after the attention's residual add (h1), and the layer output (h2). attn: (h0, h1),
@@ -26,7 +28,22 @@ from .runner import Collector, layer_input, layer_output, run
 
 FORMAT = SCORES_FORMAT
 KINDS = ("attn", "mlp", "block")
-METRICS = ("cosine", "angular")
+METRICS = ("cosine", "angular", "gate-norm")
+DATA_FREE = ("gate-norm",)  # metrics read from the weights alone: no calibration tokens, no forward pass
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise LlmdropError(f"unknown metric {metric!r}; use {', '.join(METRICS)}")
+
+
+def needs_tokens(metric: str) -> bool:
+    return metric not in DATA_FREE
+
+
+def scored_kinds(metric: str) -> tuple[str, ...]:
+    """The kinds of parts ``metric`` scores (gate-norm: attention sublayers only)."""
+    return ("attn",) if metric == "gate-norm" else KINDS
 
 
 @dataclass
@@ -114,14 +131,20 @@ class Similarity(Collector):
         ]
 
 
-def importance(loaded, tokens: torch.Tensor, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True):
+def importance(
+    loaded, tokens: torch.Tensor | None, *, metric: str = "cosine", batch_size: int = 1, progress: bool = True
+):
     """{"attn": [...], "mlp": [...], "block": [...]} for the model's current (possibly dropped) layers, in memory or
     streamed (``runner.run``). Under torchrun each rank scores its share of the batches and the sums are
-    all-reduced."""
+    all-reduced. A data-free metric (``DATA_FREE``) reads the weights instead, ignores ``tokens`` (None is fine) and
+    gives only the kinds it scores (gate-norm: {"attn": [...]})."""
     from .distributed import all_reduce
 
-    if metric not in METRICS:
-        raise LlmdropError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
+    check_metric(metric)
+    if metric == "gate-norm":
+        from .gatenorm import gate_norm
+
+        return {"attn": gate_norm(loaded, progress=progress)}
     loaded.adapter.check_layout(loaded.model)
     stats = Similarity(loaded.num_layers, metric, absent_parts(loaded.model.config))
     run(loaded, tokens, [stats], batch_size=batch_size, progress=progress, desc="scoring")

@@ -139,8 +139,13 @@ def select(
     mlp_layers: list[int] = (),
     block_layers: list[int] = (),
 ) -> DropPlan:
-    """Explicit lists first, then the N lowest-importance blocks, attention, MLP and joint sublayers."""
-    num_layers = len(importance["block"])
+    """Explicit lists first, then the N lowest-importance blocks, attention, MLP and joint sublayers. ``importance``
+    may lack the kinds its metric does not score (gate-norm: attention only) as long as no count needs them."""
+    num_layers = len(next(iter(importance.values())))
+    for kind, n in (("block", blocks), ("attn", attn or joint), ("mlp", mlp or joint)):
+        if n and kind not in importance:
+            raise LlmdropError(f"these scores rank no {kind} parts (only {', '.join(importance)}): cannot count them")
+    importance = {kind: importance.get(kind, [None] * num_layers) for kind in ("attn", "mlp", "block")}
     for name, n in (("attn", attn), ("mlp", mlp), ("blocks", blocks), ("joint", joint)):
         if n < 0:
             raise LlmdropError(f"--{name} must be >= 0 (got {n})")

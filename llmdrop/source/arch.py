@@ -26,6 +26,13 @@ class Adapter:
     mlp: tuple[str, ...] = ("mlp", "post_attention_layernorm")
     final_norm: str = "model.norm"
     layout: str = "sequential pre-norm"  # or "sequential sandwich" (a norm before and after each sublayer)
+    # what the weight-only attention score (passes/gatenorm.py) reads: the query and key projections inside the
+    # attention module (one name: a fused q, k, v projection, rows in that order), the pre-norm's scale
+    # (norm_offset + weight: Gemma's RMS norm multiplies by 1 + weight), and whether queries and keys are
+    # RMS-normalized per head before their product (q_norm / k_norm), which takes their scale out of the weights
+    qk: tuple[str, ...] = ("q_proj", "k_proj")
+    norm_offset: float = 0.0
+    qk_norm: bool = False
 
     @property
     def mlp_input_norm(self) -> str:
@@ -73,6 +80,7 @@ _SANDWICH = {
     "attn": ("self_attn", "input_layernorm", "post_attention_layernorm"),
     "mlp": ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
     "layout": "sequential sandwich",
+    "norm_offset": 1.0,
 }
 
 ADAPTERS = {
@@ -81,11 +89,11 @@ ADAPTERS = {
         Adapter("llama"),
         Adapter("mistral"),
         Adapter("qwen2"),
-        Adapter("qwen3"),
+        Adapter("qwen3", qk_norm=True),
         Adapter("mixtral"),  # the sparse-MoE block sits at `mlp` and counts as the MLP sublayer
-        Adapter("phi3"),
+        Adapter("phi3", qk=("qkv_proj",)),
         Adapter("gemma2", **_SANDWICH),
-        Adapter("gemma3_text", **_SANDWICH),
+        Adapter("gemma3_text", **_SANDWICH, qk_norm=True),
     )
 }
 
