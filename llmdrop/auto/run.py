@@ -65,32 +65,11 @@ def run(
     quality = Quality(loaded, split_rows(rows, splits, seed), batch_size)
     seconds["calibration"] = time.perf_counter() - start
 
-    found = Search(loaded, quality, costs, candidates=candidates, progress=progress)
+    found = Search(loaded, quality, costs, candidates=candidates, verify=verify, refine=refine, progress=progress)
     say(f"measured {len(found.deltas)} single-part losses on the search rows")
-    goal, chosen, rounds, bench_report = target, None, [], None
-    for _ in range(SPEED_ROUNDS if target.kind == "speedup" else 1):
-        found.round(goal, verify=verify, refine=refine)
-        verified = list(found.verified.values())
-        # the speed of the verified plans that matter, measured side by side with the source on the engine
-        start = time.perf_counter()
-        table = [v.row(costs) for v in verified]
-        todo = [i for i in plans_to_bench(table, goal, bench_plans) if verified[i].measured is None]
-        if todo:
-            plans = {"base": as_drop_plan_of(None, n), **{f"plan{i}": as_drop_plan_of(table[i], n) for i in todo}}
-            times, bench_report = meter.measure(plans, progress=progress)
-            for i in todo:
-                verified[i].measured = times["base"] / times[f"plan{i}"]
-        seconds["speed of the verified plans"] = (
-            seconds.get("speed of the verified plans", 0) + time.perf_counter() - start
-        )
-        chosen = confirm(verified, costs, target, meter, n, bench_repeats, progress, seconds)
-        rounds.append({"cost_model_target": goal.value, "verified": len(verified), "measured": len(todo)})
-        if chosen is not None or target.kind != "speedup":
-            break
-        goal = corrected(target, goal, verified, costs)
-        if goal is None:
-            break
-        say(f"measured speeds fall short of the cost model's; searching again for {goal.value:.3f}x by the cost model")
+    chosen, rounds, bench_report = speed_rounds(
+        found, costs, meter, target, bench_plans, bench_repeats, progress, say, seconds
+    )
     verified = list(found.verified.values())
     table = [v.row(costs) for v in verified]
     seconds.update(found.seconds)
@@ -128,6 +107,36 @@ def run(
     if bench_report is not None:
         report["bench"] = {k: bench_report[k] for k in ("engine", "device", "settings", "versions")}
     return report
+
+
+def speed_rounds(found: Search, costs, meter, target: Target, bench_plans, repeats, progress, say, seconds):
+    """Search, measure the speed of the verified plans that matter side by side with the source, confirm the best
+    that meets the target; for a speed target the engine missed, correct the cost model's target and go again.
+    Returns (the chosen Verified plan or None, a record per round, the last bench report)."""
+    n = found.num_layers
+    goal, chosen, rounds, bench_report = target, None, [], None
+    for _ in range(SPEED_ROUNDS if target.kind == "speedup" else 1):
+        found.round(goal)
+        verified = list(found.verified.values())
+        start = time.perf_counter()
+        table = [v.row(costs) for v in verified]
+        todo = [i for i in plans_to_bench(table, goal, bench_plans) if verified[i].measured is None]
+        if todo:
+            plans = {"base": as_drop_plan_of(None, n), **{f"plan{i}": as_drop_plan_of(table[i], n) for i in todo}}
+            times, bench_report = meter.measure(plans, progress=progress)
+            for i in todo:
+                verified[i].measured = times["base"] / times[f"plan{i}"]
+        key = "speed of the verified plans"
+        seconds[key] = seconds.get(key, 0) + time.perf_counter() - start
+        chosen = confirm(verified, costs, target, meter, n, repeats, progress, seconds)
+        rounds.append({"cost_model_target": goal.value, "verified": len(verified), "measured": len(todo)})
+        if chosen is not None or target.kind != "speedup":
+            break
+        goal = corrected(target, goal, verified, costs)
+        if goal is None:
+            break
+        say(f"measured speeds fall short of the cost model's; searching again for {goal.value:.3f}x by the cost model")
+    return chosen, rounds, bench_report
 
 
 def confirm(verified: list, costs, target: Target, meter, num_layers: int, repeats: int, progress, seconds):

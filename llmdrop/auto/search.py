@@ -186,12 +186,13 @@ class Search:
     verify rows); ``round`` proposes, verifies and refines for a target, and may be called again with a corrected
     one."""
 
-    def __init__(self, loaded, quality: Quality, costs, *, candidates: int = 16, progress: bool = True):
+    def __init__(self, loaded, quality: Quality, costs, *, candidates=16, verify=6, refine=24, progress: bool = True):
         from tqdm.auto import tqdm
 
         from llmdrop.passes.scoring import compute_importance
 
         self.quality, self.costs, self.num_layers = quality, costs, loaded.num_layers
+        self.verify, self.refine = verify, refine  # plans verified per round, refinement verifications per round
         self.seconds, self.refinement = {}, []
         self.verified: dict[Plan, Verified] = {}
         start = time.perf_counter()
@@ -216,18 +217,18 @@ class Search:
             self.verified[plan] = Verified(plan, predicted_loss(plan, self.deltas), delta, found_by)
         return self.verified[plan]
 
-    def round(self, target: "Target", *, verify: int = 6, refine: int = 24) -> Verified | None:
-        """Verify the best ``verify`` diverse plans of the exact additive optimum that meet ``target``, refine the best;
-        returns the best verified plan for ``target``."""
+    def round(self, target: "Target") -> Verified | None:
+        """Verify the best ``verify`` diverse plans of the exact additive optimum that meet ``target`` (and the one-kind
+        cosine plans), refine the best; returns the best verified plan for ``target``."""
         start = time.perf_counter()
         for plan in cosine_plans(self.importance, self.deltas, self.costs, target):
             self.check(plan, "cosine")
-        for plan in proposals(self.table, self.costs, target, self.verified, verify):
+        for plan in proposals(self.table, self.costs, target, self.verified, self.verify):
             self.check(plan, "knapsack")
         self.seconds["verification"] = self.seconds.get("verification", 0) + time.perf_counter() - start
         start = time.perf_counter()
         self.refinement += refine_plan(
-            self.verified, self.deltas, self.costs, target, self.check, refine, self.num_layers
+            self.verified, self.deltas, self.costs, target, self.check, self.refine, self.num_layers
         )
         self.seconds["refinement"] = self.seconds.get("refinement", 0) + time.perf_counter() - start
         return incumbent(self.verified.values(), self.costs, target)
