@@ -455,12 +455,12 @@ def auto(
 ) -> dict:
     """`llmdrop auto`: the plan that meets one target (``speedup``: at least this many times faster on ``engine``
     for ``workload``; ``kv_cache``: at most this fraction of the KV cache; ``max_loss_increase``: at most this
-    perplexity increase, "10%" or 0.1) and is best at the other, found by measuring (``llmdrop.auto``), then
+    perplexity increase, "10%" or 0.1) and is best at the other, found by measuring (``llmdrop.autosearch``), then
     exported to ``out`` in the engine's format with the report beside it (auto.json, auto.md, auto.png).
     ``dry_run`` stops before exporting. A target that cannot be met is an error, and nothing is written."""
-    from llmdrop.auto import run as auto_run
-    from llmdrop.auto.costs import Workload, check_engine
-    from llmdrop.auto.search import Target
+    from llmdrop.autosearch import run as auto_run
+    from llmdrop.autosearch.costs import Workload, check_engine
+    from llmdrop.autosearch.search import Target
 
     target = Target.parse(speedup=speedup, max_loss_increase=max_loss_increase, kv_cache=kv_cache)
     work = Workload.parse(workload)

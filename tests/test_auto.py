@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmdrop.auto import costs as auto_costs
-from llmdrop.auto.costs import CostModel, Workload, fit, variant_plans
-from llmdrop.auto.knapsack import OPTIONS, Plan, best_per_count, runs
-from llmdrop.auto.search import Quality, Search, Target, neighbours, split_rows
+from llmdrop.autosearch import costs as auto_costs
+from llmdrop.autosearch.costs import CostModel, Workload, fit, variant_plans
+from llmdrop.autosearch.knapsack import OPTIONS, Plan, best_per_count, runs
+from llmdrop.autosearch.search import Quality, Search, Target, neighbours, split_rows
 from llmdrop.cli import app
 from llmdrop.errors import LlmdropError
 
@@ -268,7 +268,7 @@ def test_a_loss_target_gets_the_fastest_verified_plan_within_it(tiny_checkpoint)
 
 
 def test_cosine_plans_of_one_kind_are_verified_beside_the_search():
-    from llmdrop.auto.search import cosine_plans
+    from llmdrop.autosearch.search import cosine_plans
 
     importance = {k: [0.9, 0.5, 0.1, 0.3, 0.2, 0.4] for k in OPTIONS}
     deltas = {(k, i): 0.1 for k in OPTIONS for i in range(1, 6)}
@@ -284,8 +284,8 @@ def test_cosine_plans_of_one_kind_are_verified_beside_the_search():
 
 
 def test_a_speed_shortfall_corrects_the_cost_models_target():
-    from llmdrop.auto.run import corrected
-    from llmdrop.auto.search import Verified
+    from llmdrop.autosearch.run import corrected
+    from llmdrop.autosearch.search import Verified
 
     costs = cost_model()  # a block saves 4% of the time
     plans = [Plan(frozenset({("block", i) for i in range(1, k + 1)})) for k in (3, 4, 5)]
@@ -301,7 +301,7 @@ def test_a_speed_shortfall_corrects_the_cost_models_target():
 
 
 def test_plans_are_ranked_by_what_the_target_leaves_open():
-    from llmdrop.auto.run import ranked
+    from llmdrop.autosearch.run import ranked
 
     table = [
         {"measured_speedup": 1.31, "verified_loss_increase": 0.30, "kv_cache_fraction": 0.7},
@@ -358,3 +358,11 @@ def test_an_existing_output_is_refused_before_any_model_work(tmp_path, no_model_
     result = CliRunner().invoke(app, ["auto", "-o", str(out), "--speedup", "1.2"])
     assert result.exit_code == 1 and "exists" in result.output
     assert (out / "mine.txt").read_text() == "keep me" and no_model_work == []
+
+
+def test_the_public_function_is_not_shadowed_by_its_package():
+    import llmdrop
+    import llmdrop.api
+    import llmdrop.autosearch.run  # noqa: F401  (importing a subpackage sets an attribute on its parent)
+
+    assert llmdrop.auto is llmdrop.api.auto and callable(llmdrop.auto)

@@ -180,6 +180,7 @@ def test_every_model_command_takes_the_load_options():
     assert loading == {
         "score",
         "drop",
+        "auto",
         "eval",
         "heal",
         "quantize",

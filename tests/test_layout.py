@@ -90,7 +90,7 @@ def test_nothing_below_the_face_imports_it():
 
 # The pipeline's stages, lowest first: a module imports only from its own stage or from lower ones. Shared helpers
 # (errors, files, record, compat, report) are below every stage; the request, the API and the CLI are the face.
-STAGES = ["shared", "source", "passes", "planning", "formats", "checkpoints|serving|analysis", "auto", "face"]
+STAGES = ["shared", "source", "passes", "planning", "formats", "checkpoints|serving|analysis", "autosearch", "face"]
 SHARED = {"errors", "files", "record", "compat", "report"}
 # Loading asks the exporter registry whether a folder is an export of a format that runs llmdrop's remote code (the
 # registry owns recognising its exports): the one import up the stages, lazy.

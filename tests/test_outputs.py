@@ -26,6 +26,7 @@ WRITERS = {
     ("score", "--out"): (["score", "{model}", "--calib", "{calib}", "--samples", "2", "--seq-len", "16"], ".json"),
     ("score", "--plot"): (["score", "{model}", "--calib", "{calib}", "--samples", "2", "--seq-len", "16"], ".png"),
     ("drop", "--out"): (["drop", "{model}", "--attn", "1", "--calib", "{calib}", "--seq-len", "16"], "dir"),
+    ("auto", "--out"): (["auto", "{model}", "--speedup", "1.2", "--calib", "{calib}", "--seq-len", "16"], "dir"),
     ("quantize", "--out"): (["quantize", "{model}", "--method", "gptq", "--calib", "{calib}"], "dir"),
     ("heal", "--out"): (["heal", "{export}", "--train", "full", "--calib", "{calib}"], "dir"),
     ("bench", "--out"): (["bench", "{model}", "--repeats", "1", "--warmup", "0", "--no-memory"], ".json"),

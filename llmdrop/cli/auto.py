@@ -72,7 +72,7 @@ def auto_cmd(
     refine: Annotated[int, typer.Option(help="Verifications the local refinement may spend (0: none).")] = 24,
     bench_plans: Annotated[int, typer.Option(help="Verified plans whose speed is measured on the engine.")] = 6,
     bench_repeats: Annotated[int, typer.Option(help="Timed runs per model in every engine measurement.")] = 5,
-    eval_text: Annotated[
+    eval_texts: Annotated[
         Optional[list[str]],
         typer.Option(
             "--eval", help="A held-out text file the chosen plan is also measured on (repeat).", show_default=False
@@ -114,7 +114,7 @@ def auto_cmd(
         refine=refine,
         bench_plans=bench_plans,
         bench_repeats=bench_repeats,
-        eval_texts=eval_text or [],
+        eval_texts=eval_texts or [],
         seed=seed,
         remeasure=remeasure,
         dry_run=dry_run,

@@ -57,7 +57,8 @@ Metric = Annotated[
     str,
     typer.Option(
         help="cosine (1 - cos) or angular (arccos(cos) / pi) on calibration text, or gate-norm: attention sublayers "
-        "only, from their query-key weights (no calibration text, no forward pass; see docs/selection.md)."
+        "only, from their query-key weights (no calibration text, no forward pass; experimental: on SmolLM2-135M its "
+        "picks destroy the model, see docs/selection.md)."
     ),
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Blocks per forward pass.")]

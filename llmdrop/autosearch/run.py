@@ -314,11 +314,19 @@ def plot(report: dict, path: Path) -> None:
     )
     measured = [r for r in rows if "measured_speedup" in r]
     front = pareto(measured, "measured_speedup")
+    engine = report["engine"] if report["speed_measured"] else "the analytic bound"
+    ax.scatter(
+        [r["measured_speedup"] for r in measured],
+        [r["verified_perplexity_ratio"] for r in measured],
+        c="tab:blue",
+        label=f"measured on {engine}",
+    )
     ax.plot(
         [r["measured_speedup"] for r in front],
         [r["verified_perplexity_ratio"] for r in front],
-        "o-",
-        label="measured on " + (report["engine"] if report["speed_measured"] else "the analytic bound"),
+        "-",
+        c="tab:blue",
+        label="frontier (measured)",
     )
     if report["chosen"]:
         c = report["chosen"]
@@ -330,6 +338,7 @@ def plot(report: dict, path: Path) -> None:
         ax.axvline(t["value"], color="r", ls=":", label="target")
     elif t["kind"] == "loss":
         ax.axhline(1 + t["value"], color="r", ls=":", label="target")
+    ax.set_yscale("log")
     ax.set_xlabel("speedup of the workload")
     ax.set_ylabel("perplexity / source's (verify rows)")
     ax.set_title(f"llmdrop auto: {t['asked']}")
