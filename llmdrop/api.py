@@ -482,15 +482,14 @@ def auto(
         check_output_dir(out, overwrite, inputs=[model_input(model), calib_input, *eval_texts])
     for path in eval_texts:
         load_texts(path)  # a bad file fails before the model loads
-    config = _config_of(model)
-    check_request(
+    gguf_file = _gguf_file_of(model)
+    check_request(  # what the engine's format refuses of this source, before any model work
         DropRequest(attn=1, fmt=auto_run.EXPORT_FORMATS.get(engine, "nemotron-nas")),
-        gguf_file=_gguf_file_of(model),
-        config=config,
+        gguf_file=gguf_file,
+        config=_config_of(model),
         stream=False,
     )
     loaded = as_loaded(model)
-    gguf_file = _gguf_file_of(model)
     gguf_path = Path(resolve_source(*source_of(model))[0]) / gguf_file if gguf_file else None
     report = auto_run.run(
         loaded,
@@ -515,15 +514,7 @@ def auto(
     for line in auto_run.summary_lines(report):
         say(line)
     if not report["met"]:
-        best = report.get("best_found")
-        found = f"the best plan found was {best['plan']}" if best else "no plan the search verified met it"
-        confirmed = [r for r in report["plans"] if "confirmed_speedup" in r]
-        if confirmed:
-            found = "; ".join(
-                f"{r['plan']} measured {r['measured_speedup']:.3f}x, then {r['confirmed_speedup']:.3f}x"
-                for r in confirmed
-            )
-        raise LlmdropError(f"target not met ({target.describe()}): {found}; nothing written")
+        raise LlmdropError(auto_run.missed(report, target))
     if dry_run:
         return report
     chosen = report["chosen"]

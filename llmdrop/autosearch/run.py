@@ -248,6 +248,18 @@ def held_out_quality(loaded, quality: Quality, plan, eval_texts, batch_size, pro
 # ---------------------------------------------------------------------------------------------- the report
 
 
+def missed(report: dict, target: Target) -> str:
+    """The one error line of a target not met: the plans measured again, else the best verified plan."""
+    best = report.get("best_found")
+    found = f"the best plan found was {best['plan']}" if best else "no plan the search verified met it"
+    again = [r for r in report["plans"] if "confirmed_speedup" in r]
+    if again:
+        found = "; ".join(
+            f"{r['plan']} measured {r['measured_speedup']:.3f}x, then {r['confirmed_speedup']:.3f}x" for r in again
+        )
+    return f"target not met ({target.describe()}): {found}; nothing written"
+
+
 def summary_lines(report: dict) -> list[str]:
     """The verified plans and the outcome, as the command prints them."""
     costs = report["cost_model"]
