@@ -354,3 +354,39 @@ def test_bench_vllm_refuses_what_it_cannot_serve(qwen_export, tmp_path):
         api.bench([str(qwen_export), str(remote)], engine="vllm", **BENCH)
     with pytest.raises(LlmdropError, match="leave --device at auto"):
         api.bench([str(qwen_export)], engine="vllm", device="cpu", **BENCH)
+
+
+# --------------------------------------------------------------------------- llmdrop auto on vLLM
+
+
+@pytest.mark.slow
+def test_auto_measures_on_vllm_and_its_export_serves(tmp_path, monkeypatch):
+    """`llmdrop auto --engine vllm` on SmolLM2: the cost model and the plans' speed measured by vLLM itself (random
+    weights of the model's shape), the KV target met, and the export served by vLLM with transformers' tokens."""
+    monkeypatch.setenv("LLMDROP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "auto"
+    report = api.auto(
+        "smollm2-135m",
+        str(out),
+        kv_cache=0.8,
+        engine="vllm",
+        workload="prefill=64,decode=32",
+        calib=str(Path(api.DATA_DIR) / "english_sample.txt"),
+        candidates=4,
+        verify=2,
+        refine=0,
+        bench_plans=2,
+        bench_repeats=1,
+        progress=False,
+    )
+    costs, chosen = report["cost_model"], report["chosen"]
+    assert report["speed_measured"] and costs["engine"] == "vllm" and report["bench"]["engine"]["name"] == "vllm"
+    assert min(costs["attn"], costs["mlp"], costs["block"]) > 0
+    assert chosen["kv_cache_fraction"] <= 0.8 and chosen["confirmed_speedup"] > 1.0
+    record = json.loads((out / "llmdrop.json").read_text())
+    assert record["exported"]["format"] == ("nemotron-nas" if chosen["lists"]["attn"] else "vanilla")
+    ids = [[1, 504, 3458, 282, 4649, 314], [1, 504, 1176, 1915, 3242, 359]]
+    with engine(out) as llm:
+        served = vllm_greedy(llm, ids)
+    model = hf_export(out)
+    assert [tokens for _, tokens in served] == [hf_greedy(model, p) for p in ids]
