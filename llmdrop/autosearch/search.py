@@ -237,7 +237,7 @@ class Search:
 def cosine_plans(importance: dict, deltas: dict, costs, target: Target) -> list[Plan]:
     """What `llmdrop drop --attn/--mlp/--blocks N` would drop (the N lowest by cosine importance) for the least N that
     meets a speed / KV target by the cost model: verified beside the search's own plans, so that the result is never
-    worse on the verify rows than the one-kind cosine plan of the same speed. None for a loss target."""
+    worse on the verify rows than the one-kind cosine plan of the same speed. Nothing for a loss target."""
     if target.kind == "loss":
         return []
     out = []
