@@ -113,7 +113,6 @@ def cost_model(**kw) -> CostModel:
         mlp=0.02,
         block=0.04,
         num_layers=10,
-        kv_bytes_per_token=100,
         workload={"prefill": 8, "decode": 8, "batch": 1},
         variants={"fit_error": 0.0},
         how="test",
@@ -230,8 +229,12 @@ def test_auto_exports_a_plan_that_meets_a_kv_target_and_reloads(tiny_checkpoint,
     from llmdrop.source.arch import adapter_for
 
     out = tmp_path / "out"
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(" ".join(f"w{i * 7 % 128}" for i in range(800)))
     result = CliRunner().invoke(
-        app, ["auto", str(tiny_checkpoint), "-o", str(out), "--kv-cache", "50%", "--engine", "vllm", *SMALL]
+        app,
+        ["auto", str(tiny_checkpoint), "-o", str(out), "--kv-cache", "50%", "--engine", "vllm", "--eval", str(held_out)]
+        + SMALL,
     )
     assert result.exit_code == 0, result.output
     assert "analytic" in result.output and "chosen:" in result.output
@@ -240,6 +243,8 @@ def test_auto_exports_a_plan_that_meets_a_kv_target_and_reloads(tiny_checkpoint,
     assert chosen["kv_cache_fraction"] <= 0.5 and report["met"] and not report["speed_measured"]
     assert chosen["confirmed_speedup"] == pytest.approx(chosen["measured_speedup"])  # the bound: the same twice
     assert chosen["test_perplexity"]["plan"] > 0 and chosen["format"] in ("nemotron-nas", "auto")
+    text = chosen["eval_texts"][str(held_out)]  # 256-position model: blocks of 256, not 512
+    assert text["tokens"] == 3 * 256 and text["plan"] != text["source"] and "held_out.txt" in result.output
     assert (out / "auto.png").stat().st_size > 10_000 and chosen["plan"] in (out / "auto.md").read_text()
     assert report["search_cost"]["forward_passes"] > 0 and report["search_cost"]["seconds"]["total"] > 0
     record = json.loads((out / "llmdrop.json").read_text())

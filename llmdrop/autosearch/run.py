@@ -222,7 +222,7 @@ def held_out_quality(loaded, quality: Quality, plan, eval_texts, batch_size, pro
     """The chosen plan against the source on the test rows (seen by no step of the search) and on held-out files."""
     from llmdrop.passes.evaluation import perplexity
     from llmdrop.planning.select import removed
-    from llmdrop.source.calibration import load_texts, tokens_from_texts
+    from llmdrop.source.calibration import load_texts, max_positions, tokens_from_texts
 
     base_test, test = quality.loss(None, "test"), quality.loss(plan, "test")
     out = {
@@ -230,14 +230,13 @@ def held_out_quality(loaded, quality: Quality, plan, eval_texts, batch_size, pro
         "test_perplexity_increase": math.expm1(test - base_test),
     }
     texts = {}
-    lists = plan.lists()
+    seq_len = min(EVAL_SEQ_LEN, max_positions(loaded.model.config) or EVAL_SEQ_LEN)  # as `llmdrop eval`
     for path in eval_texts:
         ids = tokens_from_texts(
-            load_texts(path), loaded.tokenizer, samples=None, seq_len=EVAL_SEQ_LEN, purpose="evaluation"
+            load_texts(path), loaded.tokenizer, samples=None, seq_len=seq_len, purpose="evaluation"
         )[:EVAL_SAMPLES]
         source = perplexity(loaded.model, ids, batch_size=batch_size, progress=False)["perplexity"]
-        attn, mlp = sorted({*lists["attn"], *lists["blocks"]}), sorted({*lists["mlp"], *lists["blocks"]})
-        with removed(loaded.model, loaded.adapter, attn=attn, mlp=mlp):
+        with removed(loaded.model, loaded.adapter, **plan.sublayers()):
             dropped = perplexity(loaded.model, ids, batch_size=batch_size, progress=False)["perplexity"]
         texts[str(path)] = {"source": source, "plan": dropped, "tokens": ids.numel()}
     if texts:
