@@ -478,8 +478,7 @@ def auto(
     if not dry_run:
         if not out:
             raise LlmdropError("give an output directory (-o OUT), or --dry-run")
-        calib_input = None if calib == "self" or str(calib).startswith("hf:") else calib
-        check_output_dir(out, overwrite, inputs=[model_input(model), calib_input, *eval_texts])
+        check_output_dir(out, overwrite, inputs=[model_input(model), CalibSpec.of(calib).input, *eval_texts])
     for path in eval_texts:
         load_texts(path)  # a bad file fails before the model loads
     gguf_file = _gguf_file_of(model)

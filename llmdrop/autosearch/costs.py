@@ -75,7 +75,6 @@ class CostModel:
     mlp: float
     block: float
     num_layers: int
-    kv_bytes_per_token: int  # K and V of every attention layer, one token of one sequence
     workload: dict
     variants: dict  # name -> measured total, and the check of the fit
     how: str  # where the numbers come from (this run, the cache, the analytic bound)
@@ -214,14 +213,10 @@ def variant_of(plan: DropPlan) -> str:
 
     parts = [
         f"{kind}:{','.join(r if '-' in r else f'{r}-{r}' for r in runs(layers).split(','))}"
-        for kind, layers in plan_lists(plan).items()
+        for kind, layers in {"blocks": plan.blocks, "attn": plan.attn, "mlp": plan.mlp}.items()
         if layers
     ]
     return "+".join(parts) or "base"
-
-
-def plan_lists(plan: DropPlan) -> dict:
-    return {"blocks": plan.blocks, "attn": plan.attn, "mlp": plan.mlp}
 
 
 def _medians(report: dict) -> dict[str, float]:
@@ -325,7 +320,6 @@ def cost_model(
         engine="analytic" if meter.analytic else engine,
         unit=meter.unit,
         num_layers=n,
-        kv_bytes_per_token=kv_bytes_per_token(loaded.model.config),
         workload=asdict(workload),
         how=how,
         **fit(times, n),
@@ -338,11 +332,3 @@ def cost_model(
         )
     write_json(asdict(model), path)
     return model, meter
-
-
-def kv_bytes_per_token(config) -> int:
-    """K and V of every layer for one token, at 2 bytes an element (f16 / bf16 caches)."""
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 2 * kv * head_dim * 2 * config.num_hidden_layers

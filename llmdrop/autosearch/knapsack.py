@@ -33,6 +33,10 @@ class Plan:
             for name, kind in (("blocks", "block"), ("attn", "attn"), ("mlp", "mlp"))
         }
 
+    def sublayers(self) -> dict:
+        """{"attn", "mlp"}: the sublayers it removes (a block is both), as ``planning.select.removed`` takes them."""
+        return {kind: sorted(i for k, i in self.parts if k in (kind, "block")) for kind in ("attn", "mlp")}
+
     def label(self) -> str:
         """'blocks 3,12 + attn 5-7' (layer runs collapsed)."""
         out = [f"{name} {runs(layers)}" for name, layers in self.lists().items() if layers]

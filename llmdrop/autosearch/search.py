@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from llmdrop.errors import LlmdropError
-from llmdrop.planning.plan import DropPlan
 
 from .knapsack import OPTIONS, Plan, best_per_count, predicted_loss
 
@@ -123,10 +122,7 @@ class Quality:
     def loss(self, plan: Plan | None, split: str) -> float:
         from llmdrop.planning.select import calibration_loss, removed
 
-        lists = plan.lists() if plan else {"blocks": [], "attn": [], "mlp": []}
-        attn = sorted(set(lists["attn"]) | set(lists["blocks"]))
-        mlp = sorted(set(lists["mlp"]) | set(lists["blocks"]))
-        with removed(self.loaded.model, self.loaded.adapter, attn=attn, mlp=mlp):
+        with removed(self.loaded.model, self.loaded.adapter, **(plan.sublayers() if plan else {})):
             value = calibration_loss(self.loaded.model, self.rows[split], self.batch_size)
         self.forward_passes += len(self.rows[split])
         return value
@@ -333,10 +329,6 @@ def refine_plan(verified: dict, deltas: dict, costs, target: Target, check, budg
         if not improved:
             return steps
     return steps
-
-
-def as_drop_plan(plan: Plan, num_layers: int, method: str = "auto") -> DropPlan:
-    return DropPlan(num_layers, **plan.lists(), method=method)
 
 
 def pareto(rows: list[dict], speed_key: str) -> list[dict]:
