@@ -17,7 +17,7 @@ from llmdrop.formats.exporters import check_request
 from llmdrop.passes.runner import is_streamed
 from llmdrop.passes.scoring import Scores, check_metric
 from llmdrop.passes.scoring import needs_tokens as metric_needs_tokens
-from llmdrop.planning.compensate import check_supported, compensate_linear, stored_replacements
+from llmdrop.planning.compensate import check_supported, compensate
 from llmdrop.planning.plan import DropPlan
 from llmdrop.planning.selectors import selector
 from llmdrop.record import read_record
@@ -258,7 +258,7 @@ def drop(
     request.check_source(loaded.model.config, scores)  # GGUF and Hub sources: now, before any pass
     absent = absent_parts(loaded.model.config)  # an export's own drops: never chosen again
     if request.compensate:
-        check_supported(loaded.adapter)
+        check_supported(loaded.adapter, request.compensate)
 
     # 3. calibration tokens, once
     tokens = calib.tokens(loaded.tokenizer, None if is_streamed(loaded) else loaded.model) if needs_tokens else None
@@ -276,11 +276,12 @@ def drop(
         extra["already_dropped"] = absent  # the source export's own drops; the plan is what this run removed
 
     # 5. compensate
-    folds = None
+    replacements = None
     if request.compensate:
-        extra["compensation"], folds = compensate_linear(
-            loaded, plan, tokens, batch_size=request.batch_size, progress=progress, ridge=request.compensate_ridge
-        )
+        extra["compensation"], replacements = compensate(
+            request.compensate, loaded, plan, tokens, batch_size=request.batch_size, progress=progress,
+            ridge=request.compensate_ridge,
+        )  # fmt: skip
 
     # 6. export: tensor by tensor from the source's files when the weights in memory are the source's
     if not weights_change:
@@ -296,7 +297,7 @@ def drop(
         calibration=scores.calibration if scores else _calib_record(calib, tokens),
         extra=extra,
         max_shard_size=request.max_shard_size,
-        replacements=stored_replacements(loaded.adapter, folds) if folds and is_streamed(loaded) else None,
+        replacements=replacements or None,
         progress=progress,
     )
     return read_record(path)

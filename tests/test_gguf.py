@@ -5,6 +5,7 @@ these files in tests/test_llamacpp.py."""
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +134,7 @@ def test_the_first_layers_attention_is_refused(tmp_path):
     [
         (
             ["--blocks", "2", "--compensate", "linear"],
-            "tensors as stored, so --compensate cannot apply; use --format auto",
+            "tensors as stored, so --compensate linear cannot apply; use --format auto",
         ),
         (["--attn", "2", "--dtype", "float16"], "so --dtype float16 cannot apply"),
         (["--blocks", "2", "--iterative"], "so --iterative cannot apply"),
@@ -281,3 +282,45 @@ def test_gguf_shape_reads_the_bounds_from_the_file(tmp_path):
     assert base.weight_bytes_per_step() - dropped.weight_bytes_per_step() == removed
     per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536  # q, o; k, v; gate, up, down
     assert base.prefill_flops(10, 1) == 2 * 10 * 30 * per_layer + 30 * 2 * 9 * 64 * 10 * 11 + 2 * 49152 * 576
+
+
+@pytest.mark.slow
+def test_scale_compensation_rescales_the_stored_quantized_blocks(source, tmp_path):
+    """--compensate scale from the Q4_1 GGUF: the output projections after each cut hold the source's quants with
+    their float16 scale and minimum multiplied (so their values are the source's times the recorded factor), every
+    other tensor is copied byte for byte."""
+    import gguf
+
+    from llmdrop.planning.rescale import gguf_scales
+
+    out = tmp_path / "o"
+    calib = str(Path(__file__).parent.parent / "llmdrop" / "data" / "english_sample.txt")
+    result = CliRunner().invoke(
+        app, ["drop", "smollm2-135m", "--attn-layers", "5,6", "--mlp-layers", "20", "--compensate", "scale",
+              "--format", "gguf", "--calib", calib, "--samples", "2", "--seq-len", "64", "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "llmdrop.json").read_text())
+    scales = gguf_scales(record["compensation"], N)
+    plan = DropPlan(N, attn=[5, 6], mlp=[20])
+    src, got = tensors(source), tensors(read_source(out / "model.gguf"))
+    assert set(got) == expected_names(src, plan)  # the dropped MLP 20 written as a zero MLP under its names
+    assert scales["blk.5.ffn_down.weight"] == pytest.approx(1 / record["compensation"]["runs"][0]["scale"])
+    rescaled = 0
+    for name, t in got.items():
+        if name not in src or (name.startswith("blk.20.ffn_") and name != "blk.20.ffn_norm.weight"):
+            continue  # the dropped MLP's zero stand-in
+        if name in scales:
+            assert t.tensor_type == src[name].tensor_type == gguf.GGMLQuantizationType.Q4_1
+            new, old = (np.asarray(x.data).reshape(-1, 20) for x in (t, src[name]))  # d, m (float16), 16 B quants
+            assert np.array_equal(new[:, 4:], old[:, 4:]), name
+            fields = (old[:, :4].copy().view(np.float16).astype(np.float64) * scales[name]).astype(np.float16)
+            assert np.array_equal(new[:, :4].copy().view(np.float16), fields), name
+            want = gguf.quants.dequantize(src[name].data, src[name].tensor_type) * scales[name]
+            have = gguf.quants.dequantize(t.data, t.tensor_type)  # float16 rounding of d and m: 2^-11 of a block
+            np.testing.assert_allclose(have, want, rtol=0, atol=2e-3 * np.abs(want).max())
+            rescaled += 1
+        else:
+            assert np.array_equal(np.asarray(t.data), np.asarray(src[name].data)), name
+    # attention 5's cut rescales mlp 5 and everything after; 6's and 20's stack on it
+    assert rescaled == (30 - 5) * 2 - 2 - 1 and "blk.4.attn_output.weight" not in scales

@@ -328,3 +328,30 @@ def test_tiny_random_models_run_in_llama_cpp(arch, plan_args, plan, tmp_path):
         torch.tensor([ids[:8]]), max_new_tokens=10, do_sample=False, eos_token_id=None
     )
     assert greedy == want_tokens[0, 8:].tolist()
+
+
+def test_a_scale_compensated_export_runs_in_llama_cpp(ids, tmp_path):
+    """--compensate scale from the Q4_1 GGUF (the float16 block scales of the output projections multiplied):
+    llama.cpp computes what transformers computes for the same compensated plan (an llmdrop-format export of it,
+    reloaded from disk), and measurably not what it computes for the plan without compensation."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from llmdrop import api
+    from llmdrop.source.calibration import CalibSpec
+
+    calib = CalibSpec(str(Path(api.__file__).parent / "data" / "english_sample.txt"), samples=4, seq_len=128)
+    args = dict(attn_layers=PLANS["attn"].attn, compensate="scale", calib=calib, progress=False)
+    api.drop("smollm2-135m", tmp_path / "gguf", fmt="gguf", **args)
+    api.drop("smollm2-135m", tmp_path / "hf", fmt="llmdrop", dtype="float32", **args)
+    ours = llama_logits(tmp_path / "gguf" / "model.gguf", ids)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32)
+    with torch.no_grad():
+        want = model.eval()(torch.tensor([ids])).logits[0].float()
+    write_gguf(SOURCE_FILE, PLANS["attn"], tmp_path / "plain.gguf")
+    plain = llama_logits(tmp_path / "plain.gguf", ids)
+    agree = (ours.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"compensated: KL {kl(want, ours):.4f}, top-1 {agree:.3f}; uncompensated GGUF's KL {kl(want, plain):.4f}")
+    assert kl(want, ours) < 0.05 and agree >= 0.8, (kl(want, ours), agree)
+    assert kl(want, plain) > 2 * kl(want, ours)

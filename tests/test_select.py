@@ -189,7 +189,7 @@ def test_reverse_keeps_the_final_layer():
         (["--select", "loss", "--attn", "2", "--iterative"], "does not combine with it"),
         (["--select", "loss", "--attn", "2", "--candidates", "0"], "--candidates must be >= 1 (got 0)"),
         (["--select", "reverse", "--attn", "2", "--scores", "s.json"], "--select reverse reads no scores"),
-        (["--compensate", "quadratic", "--blocks", "2"], "unknown --compensate 'quadratic'; use linear"),
+        (["--compensate", "quadratic", "--blocks", "2"], "unknown --compensate 'quadratic'; use linear, scale"),
     ],
 )
 def test_bad_selection_requests_fail_before_loading(args, message, tmp_path):

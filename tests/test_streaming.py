@@ -335,8 +335,18 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
         ("llama", {"blocks": 2, "selector": "angular-contiguous"}),
         ("qwen3", {"blocks": 2, "selector": "angular-contiguous", "compensate": "linear"}),
         ("llama", {"attn": 2, "selector": "reverse"}),
+        ("llama", {"block_layers": "2", "attn_layers": "4", "mlp_layers": "0", "compensate": "scale"}),
+        ("llama", {"joint": 3, "compensate": "scale", "fmt": "nemotron-nas"}),  # scored (streamed), then scaled
     ],
-    ids=["linear-two-runs", "cosine+linear", "angular", "angular+linear", "reverse"],
+    ids=[
+        "linear-two-runs",
+        "cosine+linear",
+        "angular",
+        "angular+linear",
+        "reverse",
+        "scale-three-runs",
+        "joint+scale",
+    ],  # fmt: skip
 )
 def test_streamed_drop_equals_the_in_memory_drop(arch, request_, tmp_path, calib_file):
     """--stream composes with --compensate linear and the angular-contiguous and reverse selectors: the same plan,
@@ -351,6 +361,10 @@ def test_streamed_drop_equals_the_in_memory_drop(arch, request_, tmp_path, calib
         assert (streamed.get(key) or {}).keys() == (memory.get(key) or {}).keys()
     runs = zip(*(r.get("compensation", {}).get("runs", []) for r in (memory, streamed)), strict=True)
     for run_m, run_s in runs:
+        if "scale" in run_m:  # --compensate scale
+            assert run_s["from"] == run_m["from"] and run_s["to"] == run_m["to"]
+            assert run_s["scale"] == pytest.approx(run_m["scale"], abs=1e-6)
+            continue
         assert run_s["layers"] == run_m["layers"] and run_s.get("skipped") == run_m.get("skipped")
         if "skipped" not in run_m:
             assert run_s["relative_error_compensated"] == pytest.approx(run_m["relative_error_compensated"], abs=1e-6)

@@ -26,6 +26,7 @@ from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa:
 from llmdrop import api  # noqa: E402
 from llmdrop.compat import cache_kwarg, output_cache
 from llmdrop.errors import LlmdropError  # noqa: E402
+from llmdrop.source.calibration import CalibSpec  # noqa: E402
 from llmdrop.source.models import load_model  # noqa: E402
 
 NEW_TOKENS = 24
@@ -122,13 +123,15 @@ def block_configs(path):
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "nas"
-    api.drop(
+    record = api.drop(
         "smollm2-135m",
         out,
         attn_layers=SMOL_ATTN,
         mlp_layers=SMOL_MLP,
         fmt="nemotron-nas",
         dtype="float32",
+        compensate="scale",  # folded into the kept output projections: vLLM serves it as it is
+        calib=CalibSpec(str(Path(api.__file__).parent / "data" / "english_sample.txt"), samples=4, seq_len=128),
         progress=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
@@ -139,13 +142,15 @@ def smol(tmp_path_factory):
     with engine(out) as llm:
         got = vllm_greedy(llm, SMOL_PROMPTS)  # text in: vLLM tokenizes with the export's tokenizer
         kv = kv_cache_layers(llm)
-    return dict(out=out, ids=ids, expected=expected, got=got, kv=kv)
+    return dict(out=out, ids=ids, expected=expected, got=got, kv=kv, record=record)
 
 
 @pytest.mark.slow
 def test_smollm2_config_states_the_drops(smol):
     blocks = block_configs(smol["out"])
     assert len(blocks) == 30
+    runs = smol["record"]["compensation"]["runs"]  # attn 5, 6, 7 are apart (their MLPs stay): 6 runs
+    assert [r["from"] for r in runs] == ["attn 5", "attn 6", "attn 7", "mlp 12", "attn 22", "attn 25"]
     assert [i for i, b in enumerate(blocks) if b["attention"]["no_op"]] == SMOL_ATTN
     assert [i for i, b in enumerate(blocks) if b["ffn"]["no_op"]] == SMOL_MLP
     # 9 query heads over 3 KV heads; int(2 * 4.0 * 576 / 3) = 1536, a multiple of 256: vLLM's ffn_mult path

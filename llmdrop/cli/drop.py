@@ -126,8 +126,10 @@ def drop_cmd(
     compensate: Annotated[
         Optional[str],
         typer.Option(
-            help="linear: fold a least-squares map for each dropped run of blocks into the layer before it "
-            "(ReplaceMe; the export stays vanilla).",
+            help="scale: scale the residual stream at each cut back to the magnitude the dropped parts gave it, "
+            "folded into the later output projections (blocks and sublayers, every format, GGUF included). "
+            "linear: fold a least-squares map for each dropped run of blocks into the layer before it (ReplaceMe). "
+            "Both are fitted on --calib and add no tensor.",
             show_default=False,
         ),
     ] = None,

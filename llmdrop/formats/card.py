@@ -198,6 +198,26 @@ def serve_section(fmt: str | None, where: str) -> list[str]:
 RECORD_LINE = "`llmdrop.json` records the source, the plan, the importance scores and the versions used."
 
 
+def compensation_note(comp: dict | None) -> list[str]:
+    """What --compensate folded into the weights (the architecture and format are unchanged by it)."""
+    if not comp:
+        return []
+    if comp["method"] == "scale":
+        scales = ", ".join(f"{r['from']}-{r['to']} x {r['scale']:.3f}" for r in comp["runs"])
+        what = (
+            "the residual stream at each cut is scaled back to the magnitude the removed parts gave it "
+            f"(per run: {scales}), folded into the output projections after it"
+        )
+    else:
+        done = [f"{r['layers'][0]}-{r['layers'][1]}" for r in comp["runs"] if "skipped" not in r]
+        what = (
+            "a least-squares map for each dropped run of blocks (ReplaceMe, ridge "
+            f"{comp.get('ridge')}), folded into the MLP output projection of the layer before it (runs: "
+            f"{', '.join(done) or 'none'})"
+        )
+    return ["", f"Compensation (`--compensate {comp['method']}`): {what}. No tensor was added.", ""]
+
+
 def model_card(
     record: dict,
     *,
@@ -283,6 +303,7 @@ def model_card(
             "",
         ]
     lines += [f"Layers: {src['num_layers']} -> {exported['num_layers']}. Saved dtype: {exported['dtype']}."]
+    lines += compensation_note(record.get("compensation"))
     calib = record.get("calibration")
     if calib:
         lines += [

@@ -202,7 +202,7 @@ def _export_written_by_exporter(
     attn, mlp = plan.exported_sublayers()
     record["exported"].update(format=exporter.name, drop_attn_list=attn, drop_mlp_list=mlp, remote_code=False)
     with atomic_dir(out, overwrite, inputs=[loaded.path]) as tmp:
-        record["exported"].update(exporter.write(loaded, plan, tmp))
+        record["exported"].update(exporter.write(loaded, plan, tmp, compensation=record.get("compensation")))
         write_record(record, tmp)
         (tmp / "README.md").write_text(model_card(record, base_model=base_model))
     return out

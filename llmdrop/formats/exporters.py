@@ -321,7 +321,9 @@ class GGUFExporter(Exporter):
         if gguf_file and not (request.counted or request.explicit):
             return "nothing to drop, and the source is a GGUF file already"
         if gguf_file:  # the source file's tensors are copied: nothing changed in memory can reach the export
-            asked.update({"--compensate": request.compensate, "--iterative": request.selector == "iterative"})
+            asked.update(
+                {"--compensate linear": request.compensate == "linear", "--iterative": request.selector == "iterative"}
+            )
             keeps = "it copies the source GGUF's tensors as stored"
         else:
             asked["--stream with --compensate"] = stream and bool(request.compensate)
@@ -355,19 +357,24 @@ class GGUFExporter(Exporter):
             "",
         ]
 
-    def write(self, loaded, plan, folder):
+    def write(self, loaded, plan, folder, compensation: dict | None = None):
         from .gguf_export import check_written, write_gguf
 
-        if loaded.gguf_file:
+        scales = None
+        if loaded.gguf_file:  # the source's tensors are copied: --compensate scale's folds are applied as they are
             source = Path(loaded.path) / loaded.gguf_file
-        else:
+            if compensation:
+                from llmdrop.planning.rescale import gguf_scales
+
+                scales = gguf_scales(compensation, plan.num_layers)
+        else:  # converted from the model in memory, folds included
             from llmdrop.source.arch import absent_parts
 
             from .gguf_convert import from_checkpoint
 
             source = from_checkpoint(loaded)
             plan = plan.with_absent_parts(absent_parts(loaded.model.config))
-        expected = write_gguf(source, plan, folder / self.FILE)
+        expected = write_gguf(source, plan, folder / self.FILE, scales=scales)
         check_written(folder / self.FILE, expected)
         attn, mlp = plan.exported_sublayers()  # what the file holds, an export source's own drops included
         extra = {"drop_attn_list": attn, "drop_mlp_list": mlp}

@@ -135,9 +135,36 @@ def plan_layers(source: Source, plan: DropPlan) -> dict:
     }
 
 
-def write_gguf(source, plan: DropPlan, out: Path) -> dict:
+# Quantized types whose blocks hold their scale (and minimum) as float16 at the start: a tensor of these is multiplied
+# by a constant by multiplying those fields, its quants untouched (``--compensate scale``).
+_BLOCK_SCALES = {"Q4_0": 1, "Q5_0": 1, "Q8_0": 1, "Q4_1": 2, "Q5_1": 2}  # float16 fields: d, or d and m
+
+
+def scaled_data(t: Tensor, factor: float) -> np.ndarray:
+    """Tensor ``t``'s stored data times ``factor``, in its own type: float tensors multiplied, quantized blocks with
+    their float16 scale (and minimum) multiplied. Other types (K-quants) are refused."""
+    import gguf
+
+    kind = t.ggml_type.name
+    data = np.array(t.load())  # a copy: the source is memory-mapped read-only
+    if kind in ("F32", "F16"):
+        return (data.astype(np.float64) * factor).astype(data.dtype)
+    if kind not in _BLOCK_SCALES:
+        raise LlmdropError(
+            f"--compensate scale cannot rescale {t.name}: its type {kind} keeps its scales inside packed "
+            f"super-blocks; llmdrop rescales {', '.join(['F32', 'F16', *_BLOCK_SCALES])} GGUF tensors"
+        )
+    block_bytes = gguf.GGML_QUANT_SIZES[t.ggml_type][1]
+    blocks = data.reshape(-1, block_bytes)
+    fields = blocks[:, : 2 * _BLOCK_SCALES[kind]].copy().view(np.float16)
+    blocks[:, : 2 * _BLOCK_SCALES[kind]] = (fields.astype(np.float64) * factor).astype(np.float16).view(np.uint8)
+    return blocks.reshape(data.shape)
+
+
+def write_gguf(source, plan: DropPlan, out: Path, *, scales: dict[str, float] | None = None) -> dict:
     """Write ``plan`` applied to ``source`` (a GGUF file, or a ``Source``) to ``out``; returns what the file holds
-    (for the record)."""
+    (for the record). ``scales``: source tensor name -> a factor its values are multiplied by (``--compensate
+    scale``'s folds)."""
     import gguf
 
     if not isinstance(source, Source):
@@ -193,6 +220,8 @@ def write_gguf(source, plan: DropPlan, out: Path) -> dict:
             continue
         if i in plan.mlp and rest.startswith(_FFN_WEIGHTS):
             continue
+        if t.name in (scales or {}):
+            t = replace(t, load=lambda t=t, f=scales[t.name]: scaled_data(t, f))
         tensors.append(replace(t, name=f"blk.{new_index[i]}.{rest}"))
     types = sorted({t.ggml_type.name for t in tensors})
     names = {t.name for t in tensors}

@@ -1,4 +1,7 @@
-"""``--compensate linear``: training-free linear compensation of dropped runs of blocks (ReplaceMe, Shopkhoev et
+"""``--compensate``: training-free repair of a cut folded into the weights. ``linear`` is here; ``scale`` (magnitude
+compensation of any dropped sublayers) is ``rescale.py``; ``compensate`` runs either.
+
+``--compensate linear``: training-free linear compensation of dropped runs of blocks (ReplaceMe, Shopkhoev et
 al., NeurIPS 2025), folded into the weights so that the architecture does not change.
 
 For a run of dropped blocks s..e, layer p = s-1 is the last kept layer before it. In this residual layout
@@ -37,7 +40,7 @@ from llmdrop.errors import LlmdropError
 from llmdrop.passes.runner import Collector, layer_input, layer_output, run
 from llmdrop.planning.plan import DropPlan
 
-METHODS = ("linear",)
+METHODS = ("linear", "scale")
 # Shrinkage of the map toward the identity (the plain drop), relative to the mean diagonal of X^T X. Plain least
 # squares (0, ReplaceMe's lstsq) overfits a few thousand calibration tokens: on SmolLM2 it made held-out perplexity
 # worse on every sensible plan; 1.0 was the best of 0 / 0.1 / 1 on every plan measured (docs/selection.md).
@@ -52,15 +55,15 @@ def check_method(method: str | None, *, may_drop_blocks: bool = True, ridge: flo
         return
     if method not in METHODS:
         raise LlmdropError(f"unknown --compensate {method!r}; use {', '.join(METHODS)}")
-    if not may_drop_blocks:
+    if method == "linear" and not may_drop_blocks:
         raise LlmdropError(
             "--compensate linear replaces dropped blocks; this request drops only attention or only MLP sublayers "
-            "(use --blocks / --block-layers, or --joint)"
+            "(use --blocks / --block-layers, or --joint; --compensate scale works on sublayer drops)"
         )
 
 
-def check_supported(adapter) -> None:
-    if adapter.layout != "sequential pre-norm":
+def check_supported(adapter, method: str = "linear") -> None:
+    if method == "linear" and adapter.layout != "sequential pre-norm":
         raise LlmdropError(
             f"--compensate linear folds a map into the MLP output of the layer before a dropped run; "
             f"{adapter.model_type} ({adapter.layout}) normalises that output before the residual add, so the map "
@@ -281,6 +284,22 @@ def compensate_linear(
         "seconds": round(time.perf_counter() - start, 3),
     }
     return record, folds
+
+
+def compensate(
+    method: str, loaded, plan: DropPlan, tokens: torch.Tensor, *, batch_size: int = 1, progress: bool = True,
+    ridge: float = DEFAULT_RIDGE,
+) -> tuple[dict, dict]:  # fmt: skip
+    """Fit and fold ``method``'s compensation of ``plan`` (a model in memory is changed in place). Returns the record
+    for llmdrop.json and, for a streamed model, the export's replacements of stored tensors (else empty)."""
+    from llmdrop.passes.runner import is_streamed
+    from llmdrop.planning.rescale import compensate_scale
+
+    check_supported(loaded.adapter, method)
+    if method == "scale":
+        return compensate_scale(loaded, plan, tokens, batch_size=batch_size, progress=progress)
+    record, folds = compensate_linear(loaded, plan, tokens, batch_size=batch_size, progress=progress, ridge=ridge)
+    return record, stored_replacements(loaded.adapter, folds) if is_streamed(loaded) else {}
 
 
 def layers_mlp(model, adapter, layer: int):

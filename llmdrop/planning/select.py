@@ -329,6 +329,13 @@ def describe_records(selection: dict | None, compensation: dict | None) -> list[
         seconds = selection.get("seconds_total", selection.get("seconds", 0.0))
         lines.append(f"chosen by --select {selection['selector']} in {seconds:.1f} s{cost}")
     for entry in (compensation or {}).get("runs", []):
+        if compensation["method"] == "scale":
+            where = entry["from"] if entry["from"] == entry["to"] else f"{entry['from']} - {entry['to']}"
+            lines.append(
+                f"{where} compensated: residual stream x {entry['scale']:.3f} ({entry['tokens']} tokens), folded "
+                "into the later output projections"
+            )
+            continue
         first, last = entry["layers"]
         if "skipped" in entry:
             lines.append(f"blocks {first}-{last} not compensated: {entry['skipped']}")
