@@ -26,8 +26,8 @@ import torch
 from llmdrop.passes.evaluation import perplexity
 from llmdrop.passes.runner import Collector, run
 from llmdrop.passes.scoring import compute_importance
-from llmdrop.planning.plan import DropPlan
-from llmdrop.planning.rescale import hook_run_ends, sublayer_runs
+from llmdrop.planning.plan import DropPlan, sublayer_runs
+from llmdrop.planning.rescale import hook_run_ends
 from llmdrop.planning.surgery import apply_plan
 from llmdrop.request import choose
 from llmdrop.source.calibration import CalibSpec, load_texts, tokens_from_texts

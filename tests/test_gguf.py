@@ -291,7 +291,7 @@ def test_scale_compensation_rescales_the_stored_quantized_blocks(source, tmp_pat
     other tensor is copied byte for byte."""
     import gguf
 
-    from llmdrop.planning.rescale import gguf_scales
+    from llmdrop.formats.gguf_export import gguf_scales
 
     out = tmp_path / "o"
     calib = str(Path(__file__).parent.parent / "llmdrop" / "data" / "english_sample.txt")

@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 import llmdrop
 from llmdrop.cli import app
-from llmdrop.planning.plan import DropPlan
-from llmdrop.planning.rescale import sublayer_runs
+from llmdrop.planning.plan import DropPlan, sublayer_runs
 from llmdrop.planning.surgery import apply_plan
 from llmdrop.source.arch import adapter_for
 from llmdrop.source.calibration import CalibSpec

@@ -364,7 +364,7 @@ class GGUFExporter(Exporter):
         if loaded.gguf_file:  # the source's tensors are copied: --compensate scale's folds are applied as they are
             source = Path(loaded.path) / loaded.gguf_file
             if compensation:
-                from llmdrop.planning.rescale import gguf_scales
+                from .gguf_export import gguf_scales
 
                 scales = gguf_scales(compensation, plan.num_layers)
         else:  # converted from the model in memory, folds included

@@ -161,6 +161,24 @@ def scaled_data(t: Tensor, factor: float) -> np.ndarray:
     return blocks.reshape(data.shape)
 
 
+# the GGUF tensors that write each sublayer's output (llama.cpp's names; MoE experts and shared experts included)
+_GGUF_WRITERS = {
+    "attn": ("attn_output.weight", "attn_output.bias"),
+    "mlp": ("ffn_down.weight", "ffn_down.bias", "ffn_down_exps.weight", "ffn_down_shexp.weight"),
+}
+
+
+def gguf_scales(record: dict, num_layers: int) -> dict[str, float]:
+    """``--compensate scale``'s folds (its llmdrop.json record) as GGUF source tensor name -> factor."""
+    out = {}
+    from llmdrop.planning.plan import factors_after
+
+    for pos, factor in factors_after(record["runs"], num_layers).items():
+        for name in _GGUF_WRITERS["attn" if pos % 2 == 0 else "mlp"]:
+            out[f"blk.{pos // 2}.{name}"] = factor
+    return out
+
+
 def write_gguf(source, plan: DropPlan, out: Path, *, scales: dict[str, float] | None = None) -> dict:
     """Write ``plan`` applied to ``source`` (a GGUF file, or a ``Source``) to ``out``; returns what the file holds
     (for the record). ``scales``: source tensor name -> a factor its values are multiplied by (``--compensate

@@ -39,6 +39,7 @@ import torch
 from llmdrop.errors import LlmdropError
 from llmdrop.passes.runner import Collector, layer_input, layer_output, run
 from llmdrop.planning.plan import DropPlan
+from llmdrop.planning.rescale import compensate_scale, down_projection
 
 METHODS = ("linear", "scale")
 # Shrinkage of the map toward the identity (the plain drop), relative to the mean diagonal of X^T X. Plain least
@@ -80,18 +81,6 @@ def runs(blocks: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((i, i))
     return out
-
-
-def down_projection(mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight (``[hidden, inter]``, or ``[experts, hidden, inter]`` for fused MoE experts) that writes the MLP
-    output, and its bias."""
-    down = getattr(mlp, "down_proj", None)
-    if isinstance(down, torch.nn.Linear):
-        return down.weight, down.bias
-    experts = getattr(mlp, "experts", None)
-    if isinstance(getattr(experts, "down_proj", None), torch.Tensor) and not getattr(experts, "has_bias", False):
-        return experts.down_proj, None
-    raise LlmdropError(f"--compensate linear: cannot find the output projection of {type(mlp).__name__}")
 
 
 @torch.no_grad()
@@ -293,7 +282,6 @@ def compensate(
     """Fit and fold ``method``'s compensation of ``plan`` (a model in memory is changed in place). Returns the record
     for llmdrop.json and, for a streamed model, the export's replacements of stored tensors (else empty)."""
     from llmdrop.passes.runner import is_streamed
-    from llmdrop.planning.rescale import compensate_scale
 
     check_supported(loaded.adapter, method)
     if method == "scale":

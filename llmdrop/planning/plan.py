@@ -1,5 +1,6 @@
 """Turn importance scores and a request ("drop 8 attention layers", "3,5,20-29") into a DropPlan."""
 
+import math
 from dataclasses import dataclass, field
 
 from llmdrop.errors import LlmdropError
@@ -188,3 +189,33 @@ def layers(value, num_layers: int) -> list[int]:
     """A CLI string ('3,5,20-29') or a Python list of layers, checked against the model."""
     text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return parse_layers(text, num_layers)
+
+
+# --------------------------------------------------------------------------- sublayer positions (--compensate scale)
+
+
+def sublayer_runs(plan: DropPlan) -> list[tuple[int, int]]:
+    """The plan's dropped sublayers as runs of positions (2 l: layer l's attention, 2 l + 1: its MLP), in order."""
+    gone = sorted({2 * i for i in (*plan.blocks, *plan.attn)} | {2 * i + 1 for i in (*plan.blocks, *plan.mlp)})
+    out = []
+    for pos in gone:
+        if out and out[-1][1] == pos - 1:
+            out[-1] = (out[-1][0], pos)
+        else:
+            out.append((pos, pos))
+    return out
+
+
+def position_name(pos: int) -> str:
+    return f"{'attn' if pos % 2 == 0 else 'mlp'} {pos // 2}"
+
+
+def factors_after(runs: list[dict], num_layers: int) -> dict[int, float]:
+    """position -> the product of 1 / alpha over the runs (``positions`` [first, last], ``scale``) that end before
+    it (1.0 omitted)."""
+    out = {}
+    for pos in range(2 * num_layers):
+        f = math.prod(1.0 / r["scale"] for r in runs if r["positions"][1] < pos)
+        if f != 1.0:
+            out[pos] = f
+    return out

@@ -32,23 +32,7 @@ import torch
 from llmdrop.errors import LlmdropError
 from llmdrop.modeling.modeling_llmdrop import DroppedAttention, DroppedMLP
 from llmdrop.passes.runner import Collector, layer_input, layer_output, run
-from llmdrop.planning.plan import DropPlan
-
-
-def sublayer_runs(plan: DropPlan) -> list[tuple[int, int]]:
-    """The plan's dropped sublayers as runs of positions (2 l: layer l's attention, 2 l + 1: its MLP), in order."""
-    gone = sorted({2 * i for i in (*plan.blocks, *plan.attn)} | {2 * i + 1 for i in (*plan.blocks, *plan.mlp)})
-    out = []
-    for pos in gone:
-        if out and out[-1][1] == pos - 1:
-            out[-1] = (out[-1][0], pos)
-        else:
-            out.append((pos, pos))
-    return out
-
-
-def position_name(pos: int) -> str:
-    return f"{'attn' if pos % 2 == 0 else 'mlp'} {pos // 2}"
+from llmdrop.planning.plan import DropPlan, factors_after, position_name, sublayer_runs
 
 
 def hook_run_ends(layer, index: int, adapter, first: int, last: int, before, after) -> list:
@@ -89,6 +73,18 @@ class GapStatistics(Collector):
         return hook_run_ends(layer, index, adapter, self.first, self.last, before, after)
 
 
+def down_projection(mlp) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight (``[hidden, inter]``, or ``[experts, hidden, inter]`` for fused MoE experts) that writes the MLP
+    output, and its bias."""
+    down = getattr(mlp, "down_proj", None)
+    if isinstance(down, torch.nn.Linear):
+        return down.weight, down.bias
+    experts = getattr(mlp, "experts", None)
+    if isinstance(getattr(experts, "down_proj", None), torch.Tensor) and not getattr(experts, "has_bias", False):
+        return experts.down_proj, None
+    raise LlmdropError(f"--compensate: cannot find the output projection of {type(mlp).__name__}")
+
+
 def writers(layer, adapter, kind: str) -> list[tuple[torch.Tensor, float]]:
     """The tensors that scale sublayer ``kind``'s (attn / mlp) output when multiplied, with the offset their value
     carries (Gemma's norms multiply by 1 + weight): the sublayer's output projection weight and bias, or for the
@@ -103,8 +99,6 @@ def writers(layer, adapter, kind: str) -> list[tuple[torch.Tensor, float]]:
     if kind == "attn":
         out = module.o_proj
         return [(p, 0.0) for p in (out.weight, out.bias) if p is not None]
-    from llmdrop.planning.compensate import down_projection
-
     weight, bias = down_projection(module)
     tensors = [(p, 0.0) for p in (weight, bias) if p is not None]
     shared = getattr(module, "shared_expert", None) or getattr(module, "shared_experts", None)
@@ -135,33 +129,6 @@ def fold_layer(layer, adapter, index: int, factors: dict[int, float]) -> None:
         if factors.get(pos, 1.0) != 1.0:
             for tensor, offset in writers(layer, adapter, kind):
                 tensor.copy_(scaled(tensor, factors[pos], offset))
-
-
-def factors_after(runs: list[dict], num_layers: int) -> dict[int, float]:
-    """position -> the product of 1 / alpha over the runs (``positions`` [first, last], ``scale``) that end before
-    it (1.0 omitted)."""
-    out = {}
-    for pos in range(2 * num_layers):
-        f = math.prod(1.0 / r["scale"] for r in runs if r["positions"][1] < pos)
-        if f != 1.0:
-            out[pos] = f
-    return out
-
-
-# the GGUF tensors that write each sublayer's output (llama.cpp's names; MoE experts and shared experts included)
-_GGUF_WRITERS = {
-    "attn": ("attn_output.weight", "attn_output.bias"),
-    "mlp": ("ffn_down.weight", "ffn_down.bias", "ffn_down_exps.weight", "ffn_down_shexp.weight"),
-}
-
-
-def gguf_scales(record: dict, num_layers: int) -> dict[str, float]:
-    """``--compensate scale``'s folds (its llmdrop.json record) as GGUF source tensor name -> factor."""
-    out = {}
-    for pos, factor in factors_after(record["runs"], num_layers).items():
-        for name in _GGUF_WRITERS["attn" if pos % 2 == 0 else "mlp"]:
-            out[f"blk.{pos // 2}.{name}"] = factor
-    return out
 
 
 def check_streamed(loaded, plan: DropPlan) -> None:
