@@ -161,10 +161,10 @@ def scaled_data(t: Tensor, factor: float) -> np.ndarray:
     return blocks.reshape(data.shape)
 
 
-# the GGUF tensors that write each sublayer's output (llama.cpp's names; MoE experts and shared experts included)
+# the GGUF tensors that write each sublayer's output (llama.cpp's names; a MoE's stacked experts included)
 _GGUF_WRITERS = {
     "attn": ("attn_output.weight", "attn_output.bias"),
-    "mlp": ("ffn_down.weight", "ffn_down.bias", "ffn_down_exps.weight", "ffn_down_shexp.weight"),
+    "mlp": ("ffn_down.weight", "ffn_down.bias", "ffn_down_exps.weight"),
 }
 
 

@@ -99,12 +99,7 @@ def writers(layer, adapter, kind: str) -> list[tuple[torch.Tensor, float]]:
     if kind == "attn":
         out = module.o_proj
         return [(p, 0.0) for p in (out.weight, out.bias) if p is not None]
-    weight, bias = down_projection(module)
-    tensors = [(p, 0.0) for p in (weight, bias) if p is not None]
-    shared = getattr(module, "shared_expert", None) or getattr(module, "shared_experts", None)
-    if shared is not None:
-        tensors += [(p, 0.0) for p in down_projection(shared) if p is not None]
-    return tensors
+    return [(p, 0.0) for p in down_projection(module) if p is not None]
 
 
 def stored_writers(adapter, layer: int, kind: str) -> list[tuple[str, float]]:
