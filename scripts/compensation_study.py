@@ -258,27 +258,36 @@ def linear_patch(loaded, plan: DropPlan, tokens) -> list:
 
 
 def table(state) -> str:
+    """Per budget: median (min-max) perplexity over the calibration settings of every (selector, compensation) on
+    every text, how many settings it was measured on, and in how many (setting, text) pairs it beat the same
+    selector without compensation and cosine without compensation."""
     import statistics
 
-    lines = []
     texts = sorted(
         {t for r in state["rows"] for t in r["perplexity"]}, key=lambda t: TEXTS.index(t) if t in TEXTS else 9
     )
-    settings = sorted({r["key"][0] for r in state["rows"]})
+    ppl = {tuple(r["key"]): r["perplexity"] for r in state["rows"]}
+    lines = []
     for budget in BUDGETS:
-        lines += ["", f"**{budget}** — median (min-max) over {len(settings)} calibration settings", ""]
-        lines.append("| selector | compensation | " + " | ".join(Path(t).name for t in texts) + " |")
-        lines.append("|---|---|" + "---:|" * len(texts))
+        names = " | ".join(Path(t).name for t in texts)
+        lines += ["", f"**{budget}**", "", f"| selector | compensation | n | {names} | beats no comp. | beats cosine |",
+                  "|---|---|--:|" + "---:|" * len(texts) + "--:|--:|"]  # fmt: skip
         for name in SELECTORS:
             for method in COMPENSATIONS:
-                rows = [r for r in state["rows"] if r["key"][1:] == [budget, name, method]]
-                if not rows:
+                keys = [k for k in ppl if k[1:] == (budget, name, method)]
+                if not keys:
                     continue
                 cells = []
                 for t in texts:
-                    v = [r["perplexity"][t] for r in rows if t in r["perplexity"]]
+                    v = [ppl[k][t] for k in keys if t in ppl[k]]
                     cells.append(f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "-")
-                lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+                wins = {}
+                for ref in ((name, "none"), ("cosine", "none")):
+                    pairs = [(ppl[k][t], ppl[(k[0], budget, *ref)][t]) for k in keys for t in texts
+                             if (k[0], budget, *ref) in ppl and t in ppl[k]]  # fmt: skip
+                    wins[ref] = "-" if (name, method) == ref else f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
+                lines.append(f"| {name} | {method} | {len(keys)} | " + " | ".join(cells)
+                             + f" | {wins[(name, 'none')]} | {wins[('cosine', 'none')]} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -324,3 +324,33 @@ def test_scale_compensation_rescales_the_stored_quantized_blocks(source, tmp_pat
             assert np.array_equal(np.asarray(t.data), np.asarray(src[name].data)), name
     # attention 5's cut rescales mlp 5 and everything after; 6's and 20's stack on it
     assert rescaled == (30 - 5) * 2 - 2 - 1 and "blk.4.attn_output.weight" not in scales
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0", "Q4_0", "Q5_1"])
+def test_scaled_data_multiplies_the_values_in_the_stored_type(kind):
+    import gguf
+
+    from llmdrop.formats.gguf_export import Tensor, scaled_data
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    values = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    data = gguf.quants.quantize(values, qtype)
+    t = Tensor("blk.3.attn_output.weight", data.shape, data.dtype, data.nbytes, qtype, lambda: data, values.size)
+    before = gguf.quants.dequantize(data, qtype)
+    after = gguf.quants.dequantize(scaled_data(t, 0.8), qtype)
+    assert after.shape == before.shape and scaled_data(t, 0.8).dtype == data.dtype
+    np.testing.assert_allclose(after, before * 0.8, rtol=0, atol=2e-3 * np.abs(before).max())
+    assert np.array_equal(gguf.quants.dequantize(data, qtype), before)  # the source's data is left as it was
+
+
+def test_scaled_data_refuses_k_quants_in_one_line():
+    import gguf
+
+    from llmdrop.errors import LlmdropError
+    from llmdrop.formats.gguf_export import Tensor, scaled_data
+
+    qtype = gguf.GGMLQuantizationType.Q4_K
+    data = np.zeros((2, 144), np.uint8)
+    t = Tensor("blk.3.ffn_down.weight", data.shape, data.dtype, data.nbytes, qtype, lambda: data, 512)
+    with pytest.raises(LlmdropError, match=r"^--compensate scale cannot rescale blk.3.ffn_down.weight: its type Q4_K"):
+        scaled_data(t, 0.8)
