@@ -2,11 +2,10 @@
 is restored to the original logits, the fold is exact for every kind of MLP, and the export stays vanilla."""
 
 import json
-import random
 
 import pytest
 import torch
-from tiny_models import COMMON, WORDS, tiny_model, tiny_tokenizer
+from tiny_models import COMMON, random_words_file, save_checkpoint, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -21,18 +20,9 @@ SUB = torch.arange(HIDDEN // 2, HIDDEN)  # a subspace the residual stream leaves
 REST = torch.arange(0, HIDDEN // 2)
 
 
-def save(model, folder):
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(2000)))
-    return CalibSpec(str(path), samples=8, seq_len=24)
+    return CalibSpec(str(random_words_file(tmp_path_factory.mktemp("calib"))), samples=8, seq_len=24)
 
 
 def linear_run_model():
@@ -66,7 +56,7 @@ def linear_run_model():
 
 def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_path):
     original = linear_run_model()
-    src = save(original, tmp_path / "src")
+    src = save_checkpoint(original, tmp_path / "src")
     ids = torch.randint(4, 132, (3, 20), generator=torch.Generator().manual_seed(1))  # not the calibration text
     with torch.no_grad():
         expected = original(ids, use_cache=False).logits
@@ -102,7 +92,7 @@ def test_exactly_linear_run_is_restored_and_the_export_is_vanilla(calib, tmp_pat
 
 
 def test_runs_are_compensated_in_order_and_a_run_at_layer_0_is_reported(calib, tmp_path):
-    src, out = save(tiny_model("llama", 8), tmp_path / "src"), tmp_path / "out"
+    src, out = save_checkpoint(tiny_model("llama", 8), tmp_path / "src"), tmp_path / "out"
     record = llmdrop.drop(str(src), str(out), block_layers="0,3,4,6", compensate="linear", calib=calib, progress=False)[
         "compensation"
     ]
@@ -186,7 +176,7 @@ def test_runs():
 
 
 def test_sandwich_norms_are_refused_before_any_work(calib, tmp_path):
-    src = save(tiny_model("gemma2", 4), tmp_path / "src")
+    src = save_checkpoint(tiny_model("gemma2", 4), tmp_path / "src")
     result = CliRunner().invoke(
         app, ["drop", str(src), "-o", str(tmp_path / "out"), "--blocks", "1", "--compensate", "linear"]
     )

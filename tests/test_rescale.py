@@ -3,11 +3,10 @@ the stream by c is restored exactly, and the fold into later output projections 
 each cut, in every export format, reloaded from disk with no missing or unused tensor."""
 
 import json
-import random
 
 import pytest
 import torch
-from tiny_models import COMMON, WORDS, tiny_model, tiny_tokenizer
+from tiny_models import COMMON, random_words_file, save_checkpoint, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
@@ -21,18 +20,9 @@ from llmdrop.source.calibration import CalibSpec
 IDS = torch.randint(4, 132, (3, 20), generator=torch.Generator().manual_seed(1))  # not the calibration text
 
 
-def save(model, folder):
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(rng.choice(WORDS) for _ in range(2000)))
-    return CalibSpec(str(path), samples=6, seq_len=20)
+    return CalibSpec(str(random_words_file(tmp_path_factory.mktemp("calib"))), samples=6, seq_len=20)
 
 
 def reload(out):
@@ -137,7 +127,7 @@ def stream_scaled_reference(src, plan: DropPlan, scales: list[float]):
 def test_the_fold_equals_scaling_the_stream_at_each_cut(arch, lists, fmt, calib, tmp_path):
     model = tiny_model(arch, 6)
     model.config.rms_norm_eps = 1e-12  # the norms then ignore a common scale exactly: what makes the fold exact
-    src = save(model, tmp_path / "src")
+    src = save_checkpoint(model, tmp_path / "src")
     record = llmdrop.drop(str(src), str(tmp_path / "out"), compensate="scale", fmt=fmt, calib=calib, progress=False,
                           dtype="float32", **lists)  # fmt: skip
     plan = DropPlan(6, **{k: record["plan"][k] for k in ("blocks", "attn", "mlp")})
@@ -151,7 +141,7 @@ def test_the_fold_equals_scaling_the_stream_at_each_cut(arch, lists, fmt, calib,
 
 
 def test_alpha_of_an_attention_run_is_the_mean_norm_ratio(calib, tmp_path):
-    src = save(tiny_model("llama", 4), tmp_path / "src")
+    src = save_checkpoint(tiny_model("llama", 4), tmp_path / "src")
     record = llmdrop.drop(str(src), str(tmp_path / "out"), attn_layers="2", compensate="scale", calib=calib,
                           progress=False)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -168,7 +158,7 @@ def test_alpha_of_an_attention_run_is_the_mean_norm_ratio(calib, tmp_path):
 
 
 def test_scale_is_recorded_and_reported_by_the_cli(calib, tmp_path):
-    src = save(tiny_model("llama", 4), tmp_path / "src")
+    src = save_checkpoint(tiny_model("llama", 4), tmp_path / "src")
     out = tmp_path / "out"
     result = CliRunner().invoke(
         app, ["drop", str(src), "-o", str(out), "--attn-layers", "1", "--compensate", "scale", "--calib",
@@ -197,7 +187,7 @@ def test_bad_compensation_requests_are_one_line_before_loading(args, message, tm
 
 
 def test_a_streamed_moe_whose_experts_are_stored_apart_is_refused_in_one_line(calib, tmp_path):
-    src = save(tiny_model("mixtral", 4), tmp_path / "src")
+    src = save_checkpoint(tiny_model("mixtral", 4), tmp_path / "src")
     result = CliRunner().invoke(
         app, ["drop", str(src), "-o", str(tmp_path / "out"), "--mlp-layers", "1", "--format", "llmdrop", "--stream",
               "--compensate", "scale", "--calib", calib.source, "--samples", "4", "--seq-len", "16"],

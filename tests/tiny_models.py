@@ -95,6 +95,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def save_checkpoint(model, folder):
+    """``model`` and the tiny tokenizer as a checkpoint on disk (what users start from); returns ``folder``."""
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def random_words_file(folder, n: int = 2000, seed: int = 0):
+    """A calibration text of ``n`` random tiny-tokenizer words in ``folder``; returns its path."""
+    import random
+
+    rng = random.Random(seed)
+    path = folder / "calib.txt"
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
+    return path
+
+
 def _layers(model):
     return model.model.layers
 
