@@ -203,7 +203,9 @@ def compensation_note(comp: dict | None) -> list[str]:
     if not comp:
         return []
     if comp["method"] == "scale":
-        scales = ", ".join(f"{r['from']}-{r['to']} x {r['scale']:.3f}" for r in comp["runs"])
+        from llmdrop.planning.plan import run_label
+
+        scales = ", ".join(f"{run_label(r)} x {r['scale']:.3f}" for r in comp["runs"])
         what = (
             "the residual stream at each cut is scaled back to the magnitude the removed parts gave it "
             f"(per run: {scales}), folded into the output projections after it"

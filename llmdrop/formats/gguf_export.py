@@ -170,9 +170,9 @@ _GGUF_WRITERS = {
 
 def gguf_scales(record: dict, num_layers: int) -> dict[str, float]:
     """``--compensate scale``'s folds (its llmdrop.json record) as GGUF source tensor name -> factor."""
-    out = {}
     from llmdrop.planning.plan import factors_after
 
+    out = {}
     for pos, factor in factors_after(record["runs"], num_layers).items():
         for name in _GGUF_WRITERS["attn" if pos % 2 == 0 else "mlp"]:
             out[f"blk.{pos // 2}.{name}"] = factor

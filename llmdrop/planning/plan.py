@@ -210,6 +210,11 @@ def position_name(pos: int) -> str:
     return f"{'attn' if pos % 2 == 0 else 'mlp'} {pos // 2}"
 
 
+def run_label(run: dict) -> str:
+    """A recorded run's parts for people: "attn 5", or "attn 5 - mlp 7"."""
+    return run["from"] if run["from"] == run["to"] else f"{run['from']} - {run['to']}"
+
+
 def factors_after(runs: list[dict], num_layers: int) -> dict[int, float]:
     """position -> the product of 1 / alpha over the runs (``positions`` [first, last], ``scale``) that end before
     it (1.0 omitted)."""

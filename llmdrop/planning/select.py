@@ -323,6 +323,8 @@ def iterative(loaded, tokens, request, *, progress: bool = True) -> tuple[DropPl
 
 def describe_records(selection: dict | None, compensation: dict | None) -> list[str]:
     """One human line each about how the parts were chosen and compensated (for `llmdrop drop`)."""
+    from llmdrop.planning.plan import run_label
+
     lines = []
     if selection and selection["selector"] != "cosine":
         cost = f", {selection['forward_passes']} forward passes" if "forward_passes" in selection else ""
@@ -330,10 +332,9 @@ def describe_records(selection: dict | None, compensation: dict | None) -> list[
         lines.append(f"chosen by --select {selection['selector']} in {seconds:.1f} s{cost}")
     for entry in (compensation or {}).get("runs", []):
         if compensation["method"] == "scale":
-            where = entry["from"] if entry["from"] == entry["to"] else f"{entry['from']} - {entry['to']}"
             lines.append(
-                f"{where} compensated: residual stream x {entry['scale']:.3f} ({entry['tokens']} tokens), folded "
-                "into the later output projections"
+                f"{run_label(entry)} compensated: residual stream x {entry['scale']:.3f} ({entry['tokens']} "
+                "tokens), folded into the later output projections"
             )
             continue
         first, last = entry["layers"]
