@@ -288,7 +288,28 @@ def table(state) -> str:
                     wins[ref] = "-" if (name, method) == ref else f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
                 lines.append(f"| {name} | {method} | {len(keys)} | " + " | ".join(cells)
                              + f" | {wins[(name, 'none')]} | {wins[('cosine', 'none')]} |")  # fmt: skip
+    lines += ["", "**Head to head** (A beats B in k of n (setting, text) pairs measured for both; median of A / B)", "",
+              "| budget | A | B | A beats B | median A / B |", "|---|---|---|--:|--:|"]  # fmt: skip
+    for budget in BUDGETS:
+        for a, b in HEAD_TO_HEAD:
+            pairs = [(ppl[k][t], ppl[(k[0], budget, *b)][t]) for k in ppl if k[1:] == (budget, *a) for t in texts
+                     if (k[0], budget, *b) in ppl and t in ppl[k] and t in ppl[(k[0], budget, *b)]]  # fmt: skip
+            if pairs:
+                ratio = statistics.median(x / y for x, y in pairs)
+                lines.append(f"| {budget} | {' + '.join(a)} | {' + '.join(b)} | {sum(x < y for x, y in pairs)}/"
+                             f"{len(pairs)} | {ratio:.3f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+HEAD_TO_HEAD = [
+    (("cosine", "scale"), ("cosine", "none")),
+    (("cosine", "scale"), ("cosine", "linear")),
+    (("cosine", "scale"), ("cosine", "rotate-scale")),
+    (("cosine", "linear"), ("cosine", "none")),
+    (("loss", "none"), ("cosine", "none")),
+    (("loss", "scale"), ("cosine", "scale")),
+    (("loss", "scale"), ("cosine", "none")),
+]
 
 
 if __name__ == "__main__":
