@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import llmdrop
 from llmdrop.cli import app
-from llmdrop.planning.plan import DropPlan, sublayer_runs
+from llmdrop.planning.plan import DropPlan, run_label, sublayer_runs
 from llmdrop.planning.surgery import apply_plan
 from llmdrop.source.arch import adapter_for
 from llmdrop.source.calibration import CalibSpec
@@ -42,6 +42,10 @@ def test_runs_of_positions():
     plan = DropPlan(6, blocks=[1], attn=[2, 4], mlp=[0, 5])
     # mlp 0, attn 1, mlp 1, attn 2 | attn 4 | mlp 5
     assert sublayer_runs(plan) == [(1, 4), (8, 8), (11, 11)]
+    labels = [("mlp 0", "attn 2", "mlp 0 - attn 2"), ("attn 4", "attn 4", "attn 4"), ("attn 3", "mlp 3", "block 3"),
+              ("attn 12", "mlp 15", "blocks 12-15")]  # fmt: skip
+    for first, last, label in labels:
+        assert run_label({"from": first, "to": last}) == label
 
 
 def scaling_block_model(c: float):

@@ -211,7 +211,10 @@ def position_name(pos: int) -> str:
 
 
 def run_label(run: dict) -> str:
-    """A recorded run's parts for people: "attn 5", or "attn 5 - mlp 7"."""
+    """A recorded run's parts for people: "attn 5", "block 3", "blocks 12-15", or "mlp 5 - attn 7"."""
+    (kind_a, a), (kind_b, b) = (run[k].split() for k in ("from", "to"))
+    if (kind_a, kind_b) == ("attn", "mlp"):  # whole blocks
+        return f"block {a}" if a == b else f"blocks {a}-{b}"
     return run["from"] if run["from"] == run["to"] else f"{run['from']} - {run['to']}"
 
 
