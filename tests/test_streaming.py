@@ -349,8 +349,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     ],  # fmt: skip
 )
 def test_streamed_drop_equals_the_in_memory_drop(arch, request_, tmp_path, calib_file):
-    """--stream composes with --compensate linear and the angular-contiguous and reverse selectors: the same plan,
-    record and tensors (float32, within 1e-5) as the in-memory drop, from a checkpoint on disk."""
+    """--stream composes with --compensate linear / scale and the angular-contiguous and reverse selectors: the same
+    plan, record and tensors (float32, within 1e-5) as the in-memory drop, from a checkpoint on disk."""
     src = source_dir(arch)
     calib = CalibSpec(str(calib_file), samples=6, seq_len=16)
     kwargs = dict(calib=calib, progress=False, dtype="float32", **request_)
