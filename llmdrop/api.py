@@ -259,6 +259,10 @@ def drop(
     absent = absent_parts(loaded.model.config)  # an export's own drops: never chosen again
     if request.compensate:
         check_supported(loaded.adapter, request.compensate)
+        if request.compensate == "scale" and request.fmt == "gguf" and loaded.gguf_file:
+            from llmdrop.formats.gguf_export import check_rescalable
+
+            check_rescalable(Path(loaded.path) / loaded.gguf_file)  # its stored types, before the passes
 
     # 3. calibration tokens, once
     tokens = calib.tokens(loaded.tokenizer, None if is_streamed(loaded) else loaded.model) if needs_tokens else None

@@ -354,3 +354,21 @@ def test_scaled_data_refuses_k_quants_in_one_line():
     t = Tensor("blk.3.ffn_down.weight", data.shape, data.dtype, data.nbytes, qtype, lambda: data, 512)
     with pytest.raises(LlmdropError, match=r"^--compensate scale cannot rescale blk.3.ffn_down.weight: its type Q4_K"):
         scaled_data(t, 0.8)
+
+
+def test_a_gguf_whose_output_projections_are_k_quants_is_refused_before_any_pass(tmp_path):
+    import gguf
+
+    from llmdrop.errors import LlmdropError
+    from llmdrop.formats.gguf_export import check_rescalable
+
+    writer = gguf.GGUFWriter(tmp_path / "k.gguf", "llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((256, 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    writer.add_tensor("blk.0.ffn_down.weight", np.zeros((256, 144), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(LlmdropError, match=r"^--compensate scale cannot rescale blk.0.ffn_down.weight: its type Q4_K"):
+        check_rescalable(tmp_path / "k.gguf")
+    check_rescalable(SOURCE_FILE)  # the builtin Q4_1 file: rescalable

@@ -140,6 +140,21 @@ def plan_layers(source: Source, plan: DropPlan) -> dict:
 _BLOCK_SCALES = {"Q4_0": 1, "Q5_0": 1, "Q8_0": 1, "Q4_1": 2, "Q5_1": 2}  # float16 fields: d, or d and m
 
 
+def check_rescalable(path) -> None:
+    """Before any pass: refuse a GGUF source whose output projections ``scaled_data`` cannot rescale."""
+    for t in read_source(path).tensors:
+        if t.name.split(".", 2)[-1] in _GGUF_WRITERS["attn"] + _GGUF_WRITERS["mlp"]:
+            _check_rescalable(t.name, t.tensor_type.name)
+
+
+def _check_rescalable(name: str, kind: str) -> None:
+    if kind not in ("F32", "F16", *_BLOCK_SCALES):
+        raise LlmdropError(
+            f"--compensate scale cannot rescale {name}: its type {kind} keeps its scales inside packed "
+            f"super-blocks; llmdrop rescales {', '.join(['F32', 'F16', *_BLOCK_SCALES])} GGUF tensors"
+        )
+
+
 def scaled_data(t: Tensor, factor: float) -> np.ndarray:
     """Tensor ``t``'s stored data times ``factor``, in its own type: float tensors multiplied, quantized blocks with
     their float16 scale (and minimum) multiplied. Other types (K-quants) are refused."""
@@ -147,13 +162,9 @@ def scaled_data(t: Tensor, factor: float) -> np.ndarray:
 
     kind = t.ggml_type.name
     data = np.array(t.load())  # a copy: the source is memory-mapped read-only
+    _check_rescalable(t.name, kind)
     if kind in ("F32", "F16"):
         return (data.astype(np.float64) * factor).astype(data.dtype)
-    if kind not in _BLOCK_SCALES:
-        raise LlmdropError(
-            f"--compensate scale cannot rescale {t.name}: its type {kind} keeps its scales inside packed "
-            f"super-blocks; llmdrop rescales {', '.join(['F32', 'F16', *_BLOCK_SCALES])} GGUF tensors"
-        )
     block_bytes = gguf.GGML_QUANT_SIZES[t.ggml_type][1]
     blocks = data.reshape(-1, block_bytes)
     fields = blocks[:, : 2 * _BLOCK_SCALES[kind]].copy().view(np.float16)
