@@ -372,3 +372,30 @@ def test_a_gguf_whose_output_projections_are_k_quants_is_refused_before_any_pass
     with pytest.raises(LlmdropError, match=r"^--compensate scale cannot rescale blk.0.ffn_down.weight: its type Q4_K"):
         check_rescalable(tmp_path / "k.gguf")
     check_rescalable(SOURCE_FILE)  # the builtin Q4_1 file: rescalable
+
+
+@pytest.mark.slow
+def test_a_scale_compensated_block_export_reloads_in_transformers(tmp_path):
+    """The compensated Q4_1 GGUF of a block drop loads in transformers with no missing or unused tensor and gives the
+    logits of the same compensated drop exported as a vanilla checkpoint (float16 rounding of the block scales
+    apart), and not those of the uncompensated drop."""
+    from transformers import AutoModelForCausalLM
+
+    from llmdrop import api
+    from llmdrop.source.calibration import CalibSpec
+
+    calib = CalibSpec(str(Path(api.__file__).parent / "data" / "english_sample.txt"), samples=2, seq_len=64)
+    args = dict(block_layers="12-15", compensate="scale", calib=calib, progress=False)
+    api.drop("smollm2-135m", tmp_path / "gguf", fmt="gguf", **args)
+    api.drop("smollm2-135m", tmp_path / "hf", dtype="float32", **args)
+    api.drop("smollm2-135m", tmp_path / "plain", block_layers="12-15", fmt="gguf", progress=False)
+    ids = torch.tensor([[504, 3575, 282, 4649, 314, 3575, 282, 6353, 314]])
+    logits = {}
+    for name, kwargs in (("gguf", {"gguf_file": "model.gguf"}), ("hf", {}), ("plain", {"gguf_file": "model.gguf"})):
+        model, info = AutoModelForCausalLM.from_pretrained(tmp_path / name, output_loading_info=True, **kwargs)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (name, info)
+        with torch.no_grad():
+            logits[name] = model.eval()(ids).logits
+    gap = (logits["gguf"] - logits["hf"]).abs().max().item()
+    print(f"compensated GGUF vs vanilla: {gap:.4f}; uncompensated: {(logits['plain'] - logits['hf']).abs().max():.3f}")
+    assert gap < 0.05 and (logits["plain"] - logits["hf"]).abs().max().item() > 20 * gap, gap

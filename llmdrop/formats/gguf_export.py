@@ -140,6 +140,13 @@ def plan_layers(source: Source, plan: DropPlan) -> dict:
 _BLOCK_SCALES = {"Q4_0": 1, "Q5_0": 1, "Q8_0": 1, "Q4_1": 2, "Q5_1": 2}  # float16 fields: d, or d and m
 
 
+# the GGUF tensors that write each sublayer's output (llama.cpp's names; a MoE's stacked experts included)
+_GGUF_WRITERS = {
+    "attn": ("attn_output.weight", "attn_output.bias"),
+    "mlp": ("ffn_down.weight", "ffn_down.bias", "ffn_down_exps.weight"),
+}
+
+
 def check_rescalable(path) -> None:
     """Before any pass: refuse a GGUF source whose output projections ``scaled_data`` cannot rescale."""
     for t in read_source(path).tensors:
@@ -170,13 +177,6 @@ def scaled_data(t: Tensor, factor: float) -> np.ndarray:
     fields = blocks[:, : 2 * _BLOCK_SCALES[kind]].copy().view(np.float16)
     blocks[:, : 2 * _BLOCK_SCALES[kind]] = (fields.astype(np.float64) * factor).astype(np.float16).view(np.uint8)
     return blocks.reshape(data.shape)
-
-
-# the GGUF tensors that write each sublayer's output (llama.cpp's names; a MoE's stacked experts included)
-_GGUF_WRITERS = {
-    "attn": ("attn_output.weight", "attn_output.bias"),
-    "mlp": ("ffn_down.weight", "ffn_down.bias", "ffn_down_exps.weight"),
-}
 
 
 def gguf_scales(record: dict, num_layers: int) -> dict[str, float]:
